@@ -1,0 +1,181 @@
+"""Typed model configuration: InternViT + pixel-shuffle projector + Llama-family LLM.
+
+Plain dataclasses so they can be registered with Hydra's ConfigStore (see ``mllm.config``) and built without
+Hydra in tests. Presets for the released models live in ``recipes/model/*.yaml`` and in ``PRESETS`` below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class VisionConfig:
+    """InternViT. Defaults are InternViT-6B-448px-V1-5 (45 of 48 layers kept)."""
+
+    hidden_size: int = 3200
+    num_layers: int = 45
+    num_heads: int = 25
+    intermediate_size: int = 12800
+    image_size: int = 448
+    patch_size: int = 14
+    num_channels: int = 3
+    norm_type: str = "rms_norm"  # "rms_norm" (6B) or "layer_norm" (300M)
+    norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    qk_norm: bool = True  # RMSNorm over the whole q (and k) width, all heads jointly
+    layer_scale_init: float = 0.1
+    drop_path_rate: float = 0.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class TextConfig:
+    """A Llama-family decoder as InternLM2, Llama and Qwen2 use it. Defaults are InternLM2-20B-chat."""
+
+    arch: str = "internlm2"  # "internlm2" | "llama" | "qwen2": only changes the checkpoint layout
+    vocab_size: int = 92553
+    hidden_size: int = 6144
+    num_layers: int = 48
+    num_heads: int = 48
+    num_kv_heads: int = 8
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    intermediate_size: int = 16384
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1_000_000.0
+    rope_scaling: dict[str, Any] | None = None  # {"type": "dynamic"|"linear", "factor": f}; copied verbatim
+    max_position_embeddings: int = 32768
+    qkv_bias: bool = False
+    o_bias: bool = False
+    tie_word_embeddings: bool = False
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+
+@dataclass
+class ModelConfig:
+    """The whole InternVL-Chat model."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    downsample_ratio: float = 0.5
+    ps_version: str = "v2"  # "v1" skips the final transpose of the pixel shuffle (older checkpoints)
+    select_layer: int = -1  # -1: last ViT layer; k >= 0: hidden_states[k] with 0 = embeddings
+    projector_norm_eps: float = 1e-5
+    image_token_id: int = 92546  # <IMG_CONTEXT>
+    template: str = "internlm2-chat"
+    attention_backend: str = "sdpa"  # "sdpa" | "flex" | "flash" | "auto" (see mllm.model.attention)
+    init_std: float = 0.02
+    init_from: str | None = None  # an HF directory (either format) to load weights from
+
+    @property
+    def num_image_token(self) -> int:
+        """LLM tokens per tile: (patches per side * downsample)^2, 256 for 448 px tiles."""
+        side = self.vision.image_size // self.vision.patch_size
+        return int(side * self.downsample_ratio) ** 2
+
+    def validate(self) -> None:
+        """Raise a one-line error for an inconsistent configuration."""
+        v, t = self.vision, self.text
+        if v.hidden_size % v.num_heads:
+            raise ValueError(
+                f"model.vision.hidden_size {v.hidden_size} must be divisible by num_heads {v.num_heads}"
+            )
+        if v.image_size % v.patch_size:
+            raise ValueError(
+                f"model.vision.image_size {v.image_size} must be a multiple of patch_size {v.patch_size}"
+            )
+        side = v.image_size // v.patch_size
+        if side * self.downsample_ratio != int(side * self.downsample_ratio):
+            raise ValueError(
+                f"model.downsample_ratio {self.downsample_ratio} does not divide {side} patches per side"
+            )
+        if t.num_heads % t.num_kv_heads:
+            raise ValueError(
+                f"model.text.num_heads {t.num_heads} must be a multiple of num_kv_heads {t.num_kv_heads}"
+            )
+        if self.ps_version not in ("v1", "v2"):
+            raise ValueError(f"model.ps_version must be 'v1' or 'v2', got {self.ps_version!r}")
+        if v.norm_type not in ("rms_norm", "layer_norm"):
+            raise ValueError(
+                f"model.vision.norm_type must be 'rms_norm' or 'layer_norm', got {v.norm_type!r}"
+            )
+        if not -(v.num_layers + 1) <= self.select_layer <= v.num_layers:
+            raise ValueError(
+                f"model.select_layer {self.select_layer} out of range for {v.num_layers} ViT layers"
+            )
+
+
+def internvl_chat_v1_5() -> ModelConfig:
+    """InternVL-Chat-V1-5: InternViT-6B-448px-V1-5 + InternLM2-20B-chat (25.5B)."""
+    return ModelConfig(
+        text=TextConfig(rope_scaling={"type": "dynamic", "factor": 2.0}),
+    )
+
+
+def mini_internvl_chat_2b_v1_5() -> ModelConfig:
+    """Mini-InternVL-Chat-2B-V1-5: InternViT-300M-448px + InternLM2-chat-1.8B."""
+    return ModelConfig(
+        vision=VisionConfig(
+            hidden_size=1024,
+            num_layers=24,
+            num_heads=16,
+            intermediate_size=4096,
+            norm_type="layer_norm",
+            qkv_bias=True,
+            qk_norm=False,
+        ),
+        text=TextConfig(
+            vocab_size=92553,
+            hidden_size=2048,
+            num_layers=24,
+            num_heads=16,
+            num_kv_heads=8,
+            intermediate_size=8192,
+            rope_theta=1_000_000.0,
+            rope_scaling={"type": "dynamic", "factor": 2.0},
+        ),
+    )
+
+
+def tiny(vocab_size: int = 1024, image_token_id: int = 1000, image_size: int = 56) -> ModelConfig:
+    """A few-kB model for CPU tests: 6B-style vision (RMSNorm + QK-norm, odd head count), GQA text."""
+    return ModelConfig(
+        vision=VisionConfig(
+            hidden_size=48,
+            num_layers=2,
+            num_heads=3,
+            intermediate_size=96,
+            image_size=image_size,
+            patch_size=14,
+        ),
+        text=TextConfig(
+            arch="internlm2",
+            vocab_size=vocab_size,
+            hidden_size=64,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=128,
+            rope_theta=10000.0,
+            max_position_embeddings=4096,
+        ),
+        image_token_id=image_token_id,
+    )
+
+
+PRESETS = {
+    "internvl_chat_v1_5": internvl_chat_v1_5,
+    "mini_internvl_chat_2b_v1_5": mini_internvl_chat_2b_v1_5,
+    "tiny": tiny,
+}
