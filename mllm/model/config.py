@@ -77,6 +77,9 @@ class ModelConfig:
     attention_backend: str = "sdpa"  # "sdpa" | "flex" | "flash" | "auto" (see mllm.model.attention)
     init_std: float = 0.02
     init_from: str | None = None  # an HF directory (either format) to load weights from
+    # Hugging Face config.json fields with no ModelConfig counterpart, per HF format ("internvl_chat" or
+    # "transformers"), kept so that an import -> train -> export round trip loses nothing (mllm.convert).
+    hf_extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_image_token(self) -> int:
