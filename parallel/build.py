@@ -1,0 +1,135 @@
+"""Building one rank's share of the model on the meta device: TP replacement, stage pruning, freezing, init."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mllm.model.config import ModelConfig
+from mllm.model.internvl import InternVLModel
+from parallel.config import ParallelConfig
+from parallel.layers import TPInfo, get_layer_backend
+from parallel.mesh import ParallelMesh
+from parallel.pipeline import resolve_layers_per_stage, stage_layer_indices, stages_of_pp_rank
+from parallel.shard import ShardSpec, shard_full_tensor
+from parallel.tensor_parallel import parallelize_model_tp
+
+
+@dataclass
+class RankSkeleton:
+    """A rank's model (meta until materialized) and how it maps to the full model."""
+
+    module: InternVLModel
+    stage_ids: list[int]
+    stage_layers: list[list[int]]
+    specs: dict[str, ShardSpec]
+    sp_params: set[str]
+    tp: TPInfo
+
+
+def tp_info(mesh: ParallelMesh) -> TPInfo:
+    return TPInfo(size=mesh.tp, rank=mesh.tp_rank, group=mesh.tp_group)
+
+
+def build_rank_skeleton(model_cfg: ModelConfig, pcfg: ParallelConfig, mesh: ParallelMesh) -> RankSkeleton:
+    """The full model on meta, TP-split for this tp rank, pruned to this pp rank's stages, freezing applied."""
+    tp = tp_info(mesh)
+    backend = get_layer_backend(pcfg.layer_backend)
+    with torch.device("meta"):
+        model = InternVLModel(model_cfg)
+        specs, sp_params = parallelize_model_tp(model, model_cfg, tp, backend, pcfg.sequence_parallel)
+    lps = resolve_layers_per_stage(model_cfg, pcfg)
+    stage_ids = stages_of_pp_rank(mesh.pp_rank, pcfg)
+    stage_layers = [stage_layer_indices(lps, s) for s in stage_ids]
+    owned = sorted(i for layers in stage_layers for i in layers)
+    # A ModuleDict keyed by the global index keeps parameter names ("llm.layers.7....") of the full model.
+    model.llm.layers = nn.ModuleDict({str(i): model.llm.layers[i] for i in owned})
+    if 0 not in stage_ids:
+        model.vision, model.projector, model.llm.embed_tokens = None, None, None
+    if pcfg.num_stages - 1 not in stage_ids:
+        model.llm.norm, model.lm_head = None, None
+    apply_freezing(model, pcfg)
+    local = {name for name, _ in model.named_parameters()}
+    specs = {k: v for k, v in specs.items() if k in local}
+    return RankSkeleton(model, stage_ids, stage_layers, specs, sp_params & local, tp)
+
+
+def is_frozen_name(name: str, pcfg: ParallelConfig) -> bool:
+    """Whether the full-model parameter ``name`` is frozen by the config's freeze options."""
+    if name.startswith("vision."):
+        if pcfg.freeze_vision:
+            return True
+        if name.startswith("vision.embeddings.") and pcfg.freeze_vit_layers_below > 0:
+            return True
+        if name.startswith("vision.layers."):
+            return int(name.split(".")[2]) < pcfg.freeze_vit_layers_below
+        return False
+    if name.startswith("projector."):
+        return pcfg.freeze_projector
+    if name.startswith(("llm.", "lm_head.")):
+        return pcfg.freeze_llm
+    return False
+
+
+def apply_freezing(model: nn.Module, pcfg: ParallelConfig) -> None:
+    """Frozen parameters get ``requires_grad=False``: no gradient, no communication, no optimizer state."""
+    for name, param in model.named_parameters():
+        if is_frozen_name(name, pcfg):
+            param.requires_grad_(False)
+
+
+def init_full_tensor(name: str, shape: torch.Size, cfg: ModelConfig, seed: int) -> torch.Tensor:
+    """Layout-independent init of one full parameter (seeded by name), InternVL's rules as ``init_weights``."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    std, leaf = cfg.init_std, name.rsplit(".", 2)
+    out = torch.empty(shape)
+    if name.endswith(".bias"):
+        return out.zero_()
+    if leaf[-1] in ("ls1", "ls2"):
+        return out.fill_(cfg.vision.layer_scale_init)
+    if "norm" in leaf[-2]:
+        return out.fill_(1.0)
+    if name.endswith("embed_tokens.weight"):
+        return out.normal_(0.0, std, generator=gen)
+    return nn.init.trunc_normal_(out, std=std, a=-2 * std, b=2 * std, generator=gen)
+
+
+@torch.no_grad()
+def materialize(
+    skeleton: RankSkeleton,
+    model_cfg: ModelConfig,
+    device: torch.device,
+    init_state_dict: dict[str, torch.Tensor] | None,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """Allocate this rank's shards on ``device`` and fill them from full tensors (given or initialized)."""
+    model = skeleton.module
+    model.to_empty(device=device)
+    for name, param in model.named_parameters():
+        if init_state_dict is not None:
+            if name not in init_state_dict:
+                raise KeyError(f"init_state_dict has no tensor {name!r} (expected single-device model names)")
+            full = init_state_dict[name]
+        else:
+            full = init_full_tensor(
+                name, _full_shape(param, skeleton.specs.get(name), skeleton.tp), model_cfg, seed
+            )
+        local = shard_full_tensor(full.to(torch.float32), skeleton.specs.get(name), skeleton.tp)
+        if local.shape != param.shape:
+            raise ValueError(
+                f"{name}: shard shape {tuple(local.shape)} != local parameter {tuple(param.shape)}"
+            )
+        param.copy_(local)
+    model.to(dtype)
+
+
+def _full_shape(param: torch.Tensor, spec: ShardSpec | None, tp: TPInfo) -> torch.Size:
+    if spec is None:
+        return param.shape
+    shape = list(param.shape)
+    shape[spec.dim] = spec.full
+    return torch.Size(shape)

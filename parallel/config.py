@@ -1,0 +1,122 @@
+"""``ParallelConfig`` and the layout validation that runs before any process group or model exists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mllm.model.config import ModelConfig
+
+PP_SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
+LOSS_MODES = ("token", "sample", "square")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split. ``dp`` is derived: world_size // (tp * pp).
+
+    layers_per_stage: LLM decoder layers per pipeline stage (pp * virtual_stages entries, in stage order), or
+    None to balance by estimated FLOPs with the vision tower counted on stage 0.
+    shard_optimizer: ZeRO-1, AdamW state partitioned over dp (``torch.distributed.optim.ZeroRedundancyOptimizer``).
+    freeze_vit_layers_below: freeze the ViT embeddings and layers with index < k (0 = none).
+    loss_mode: "token" (mean over all supervised tokens of the global batch), "sample" (mean of per-sample
+    means), "square" (InternVL 2.5: per-token weight 1/sqrt(supervised tokens of its sample)).
+    """
+
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+    pp_schedule: str = "1f1b"
+    virtual_stages: int = 1
+    layers_per_stage: list[int] | None = None
+    balance_image_token_fraction: float = 0.5  # share of LLM tokens that are image tokens, for auto balance
+    shard_optimizer: bool = False
+    activation_checkpointing_vision: bool = False
+    activation_checkpointing_llm: bool = False
+    freeze_vision: bool = False
+    freeze_projector: bool = False
+    freeze_llm: bool = False
+    freeze_vit_layers_below: int = 0
+    loss_mode: str = "token"
+    layer_backend: str = "torch"  # "torch" | "te" (parallel.te_backend)
+    cp: int = 1  # context parallel: reserved, must be 1
+    extra: dict = field(default_factory=dict)  # free-form knobs for backends (e.g. TE options)
+
+    @property
+    def num_stages(self) -> int:
+        return self.pp * self.virtual_stages
+
+    def dp_size(self, world_size: int) -> int:
+        return world_size // (self.tp * self.pp * self.cp)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def validate_layout(model_cfg: ModelConfig, pcfg: ParallelConfig, world_size: int) -> None:
+    """Raise a one-line ``ValueError`` for a layout that cannot run; cheap, no process group needed."""
+    model_cfg.validate()
+    v, t = model_cfg.vision, model_cfg.text
+    tp, pp = pcfg.tp, pcfg.pp
+    _check(tp >= 1 and pp >= 1 and pcfg.virtual_stages >= 1, "parallel.tp, pp, virtual_stages must be >= 1")
+    _check(pcfg.cp == 1, "parallel.cp (context parallel) is reserved and must be 1")
+    _check(
+        world_size % (tp * pp) == 0,
+        f"world size {world_size} is not divisible by tp*pp = {tp}*{pp}: choose tp and pp whose product "
+        f"divides the number of ranks",
+    )
+    _check(
+        t.num_kv_heads % tp == 0,
+        f"parallel.tp={tp} must divide model.text.num_kv_heads={t.num_kv_heads}: tensor parallelism splits "
+        f"whole GQA kv groups (use tp in {_divisors(t.num_kv_heads)})",
+    )
+    _check(t.num_heads % tp == 0, f"parallel.tp={tp} must divide model.text.num_heads={t.num_heads}")
+    _check(
+        t.intermediate_size % tp == 0,
+        f"parallel.tp={tp} must divide model.text.intermediate_size={t.intermediate_size}",
+    )
+    _check(t.hidden_size % tp == 0, f"parallel.tp={tp} must divide model.text.hidden_size={t.hidden_size}")
+    _check(
+        v.intermediate_size % tp == 0,
+        f"parallel.tp={tp} must divide model.vision.intermediate_size={v.intermediate_size}",
+    )
+    _check(pcfg.pp_schedule in PP_SCHEDULES, f"parallel.pp_schedule must be one of {PP_SCHEDULES}")
+    _check(pcfg.loss_mode in LOSS_MODES, f"parallel.loss_mode must be one of {LOSS_MODES}")
+    if pcfg.pp_schedule == "interleaved_1f1b":
+        _check(pcfg.virtual_stages >= 2, "parallel.pp_schedule=interleaved_1f1b needs virtual_stages >= 2")
+    else:
+        _check(
+            pcfg.virtual_stages == 1,
+            f"parallel.virtual_stages={pcfg.virtual_stages} needs pp_schedule=interleaved_1f1b",
+        )
+    _check(
+        not (t.tie_word_embeddings and pp > 1),
+        "model.text.tie_word_embeddings with parallel.pp > 1 is not supported (embedding and output layer "
+        "live on different stages)",
+    )
+    stages = pcfg.num_stages
+    _check(
+        t.num_layers >= stages,
+        f"model.text.num_layers={t.num_layers} < {stages} pipeline stages: every stage needs a decoder layer",
+    )
+    if pcfg.layers_per_stage is not None:
+        lps = list(pcfg.layers_per_stage)
+        _check(
+            len(lps) == stages,
+            f"parallel.layers_per_stage has {len(lps)} entries but pp*virtual_stages = {stages}",
+        )
+        _check(
+            sum(lps) == t.num_layers,
+            f"parallel.layers_per_stage {lps} sums to {sum(lps)}, the model has {t.num_layers} LLM layers",
+        )
+        _check(min(lps) >= 1, f"parallel.layers_per_stage {lps}: every stage needs at least one layer")
+    _check(
+        0 <= pcfg.freeze_vit_layers_below <= v.num_layers,
+        f"parallel.freeze_vit_layers_below={pcfg.freeze_vit_layers_below} out of range 0..{v.num_layers}",
+    )
+    _check(pcfg.layer_backend in ("torch", "te"), "parallel.layer_backend must be 'torch' or 'te'")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

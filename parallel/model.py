@@ -1,0 +1,246 @@
+"""``ParallelModel``: one rank's shard of InternVL plus the training step over micro-batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mllm.model.config import ModelConfig
+from mllm.model.internvl import default_position_ids
+from mllm.model.loss import IGNORE_INDEX, loss_weights
+from parallel.build import RankSkeleton, build_rank_skeleton, materialize
+from parallel.comm import all_reduce_no_grad
+from parallel.config import ParallelConfig, validate_layout
+from parallel.grads import clip_grad_norm_, finish_grad_sync
+from parallel.loss import vocab_parallel_cross_entropy
+from parallel.memory import RankMemory, rank_memory
+from parallel.mesh import ParallelMesh
+from parallel.optim import optimizer_state_bytes
+from parallel.pipeline import StageModule, build_schedule, run_schedule
+from parallel.shard import gather_full_tensor, shard_full_tensor
+
+MicroBatch = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class StepResult:
+    """loss: the global-batch loss (same on every rank, detached); num_tokens: supervised tokens in the global
+    batch; total_weight: the loss normalizer (= num_tokens in "token" mode)."""
+
+    loss: torch.Tensor
+    num_tokens: int
+    total_weight: float
+
+
+class ParallelModel:
+    """This rank's model shard (``module``, full-model parameter names) and its pipeline stage(s)."""
+
+    def __init__(
+        self, model_cfg: ModelConfig, pcfg: ParallelConfig, mesh: ParallelMesh, skeleton: RankSkeleton, device
+    ) -> None:
+        self.model_cfg, self.pcfg, self.mesh, self.device = model_cfg, pcfg, mesh, torch.device(device)
+        self.module = skeleton.module
+        self.specs, self.sp_params, self.tp = skeleton.specs, skeleton.sp_params, skeleton.tp
+        self.stage_ids = skeleton.stage_ids
+        last = pcfg.num_stages - 1
+        self.stages = [
+            StageModule(self.module, layers, sid == 0, sid == last, self.tp, pcfg)
+            for sid, layers in zip(skeleton.stage_ids, skeleton.stage_layers)
+        ]
+        self._schedules: dict[tuple, object] = {}
+
+    # -- parameters ---------------------------------------------------------------------------------------
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Local shards under full-model names (only this pipeline rank's parameters)."""
+        return self.module.named_parameters()
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+
+    def zero_grad(self) -> None:
+        for p in self.module.parameters():
+            p.grad = None
+
+    def train(self, mode: bool = True) -> ParallelModel:
+        self.module.train(mode)
+        return self
+
+    # -- training step ------------------------------------------------------------------------------------
+    def forward_backward(self, micro_batches: Sequence[MicroBatch]) -> StepResult:
+        """Forward and backward over this data-parallel rank's micro-batches; gradients end up synchronized.
+
+        Every rank of one data-parallel replica (all its tp and pp ranks) must get the same micro-batches.
+        Each micro-batch: input_ids, labels (already shifted) [B, S]; optional segment_ids, position_ids [B, S],
+        pixel_values [N, 3, H, W] and image_flags [N] (its own tiles). Gradients accumulate into ``.grad``
+        (call ``zero_grad`` between optimizer steps) as d(global loss)/d(param) for the global batch.
+        """
+        mbs = [self._prepare(mb) for mb in micro_batches]
+        stats = torch.stack([torch.stack([mb["weights"].sum(), mb["n_tokens"]]) for mb in mbs]).sum(0)
+        all_reduce_no_grad(stats, self.mesh.dp_group)
+        total_weight = stats[0].clamp(min=1e-12)
+
+        def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return self._weighted_loss_sum(logits, target) / total_weight
+
+        # The pipeline schedule wants one tensor per micro-batch as the loss target: labels (exact in fp32,
+        # ids < 2^24) stacked with the per-token weights.
+        targets = [torch.stack([mb["labels"].float(), mb["weights"]]) for mb in mbs]
+        if self.mesh.pp == 1:
+            local_loss = self._run_no_pipeline(mbs, targets, loss_fn)
+        else:
+            local_loss = self._run_pipeline(mbs, targets, loss_fn)
+        finish_grad_sync(self)
+        loss = local_loss.detach().float().reshape(()).to(self.device)
+        all_reduce_no_grad(loss, self.mesh.pp_group)
+        all_reduce_no_grad(loss, self.mesh.dp_group)
+        return StepResult(loss=loss, num_tokens=int(stats[1].item()), total_weight=float(stats[0].item()))
+
+    def _prepare(self, mb: MicroBatch) -> dict[str, torch.Tensor]:
+        out = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+        if "input_ids" not in out or "labels" not in out:
+            raise KeyError("each micro-batch needs 'input_ids' and 'labels' (already shifted)")
+        seq = out["input_ids"].shape[1]
+        if self.pcfg.sequence_parallel and seq % self.mesh.tp:
+            raise ValueError(
+                f"sequence length {seq} is not divisible by tp={self.mesh.tp}: pad packed rows to a multiple of "
+                f"tp when parallel.sequence_parallel is on"
+            )
+        if out.get("position_ids") is None:
+            out["position_ids"] = default_position_ids(out["input_ids"], out.get("segment_ids"))
+        if out.get("pixel_values") is not None:
+            out["pixel_values"] = out["pixel_values"].to(next(self.module.parameters()).dtype)
+        out["weights"] = loss_weights(out["labels"], out.get("segment_ids"), self.pcfg.loss_mode)
+        out["n_tokens"] = (out["labels"] != IGNORE_INDEX).sum().float()
+        return out
+
+    @staticmethod
+    def _stage_kwargs(mb: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        return {k: mb.get(k) for k in ("segment_ids", "position_ids", "pixel_values", "image_flags")}
+
+    def _weighted_loss_sum(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        labels, weights = target[0].long(), target[1]
+        vocab_start = self.tp.rank * logits.shape[-1]
+        per_token = vocab_parallel_cross_entropy(
+            logits, labels, vocab_start, self.tp.group, self.model_cfg.text.vocab_size
+        )
+        return (per_token * weights).sum()
+
+    def _run_no_pipeline(self, mbs, targets, loss_fn) -> torch.Tensor:
+        stage = self.stages[0]
+        total = torch.zeros((), device=self.device)
+        for mb, target in zip(mbs, targets):
+            loss = loss_fn(stage(mb["input_ids"], **self._stage_kwargs(mb)), target)
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    def _run_pipeline(self, mbs, targets, loss_fn) -> torch.Tensor:
+        shapes = {tuple(mb["input_ids"].shape) for mb in mbs}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"under pipeline parallelism all micro-batches need one [B, S] shape, got {shapes}"
+            )
+        n = len(mbs)
+        if self.pcfg.pp_schedule == "interleaved_1f1b" and n % self.mesh.pp:
+            raise ValueError(
+                f"interleaved_1f1b needs a micro-batch count divisible by pp={self.mesh.pp}, got {n}"
+            )
+        key = (n, shapes.pop(), self.pcfg.sequence_parallel)
+        if key not in self._schedules:
+            self._schedules[key] = build_schedule(
+                self.stages, self.stage_ids, self.pcfg, self.mesh, self.device, n, loss_fn
+            )
+        schedule = self._schedules[key]
+        schedule._loss_fn = loss_fn  # the normalizer changes every step; the schedule reads it per call
+        losses: list[torch.Tensor] = []
+        run_schedule(
+            schedule,
+            [(mb["input_ids"],) for mb in mbs],
+            [self._stage_kwargs(mb) for mb in mbs],
+            targets,
+            losses,
+        )
+        if not losses:
+            return torch.zeros((), device=self.device)
+        return torch.stack([loss.detach().reshape(()) for loss in losses]).sum()
+
+    # -- gradients ----------------------------------------------------------------------------------------
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip by the global L2 norm over all tp/pp shards (replicated parameters counted once)."""
+        return clip_grad_norm_(self, max_norm)
+
+    # -- start-up report ----------------------------------------------------------------------------------
+    def memory_report(self, optimizer: torch.optim.Optimizer | None = None) -> RankMemory:
+        """This rank's parameter / gradient / optimizer-state bytes (the optimizer's real state if given and
+        already initialized, else the AdamW estimate of ``parallel.memory``)."""
+        params = list(self.module.parameters())
+        trainable = [p for p in params if p.requires_grad]
+        dtype = params[0].dtype if params else torch.float32
+        report = rank_memory(
+            sum(p.numel() for p in params),
+            sum(p.numel() for p in trainable),
+            self.pcfg,
+            self.mesh.dp,
+            dtype,
+            dtype,
+            self.mesh.pp_rank,
+            self.mesh.tp_rank,
+            self.stage_ids,
+        )
+        if optimizer is not None and optimizer_state_bytes(optimizer):
+            report.optimizer_bytes = optimizer_state_bytes(optimizer)
+        return report
+
+    # -- full tensors for checkpoints and export ---------------------------------------------------------
+    def full_state_dict(self, all_stages: bool = False) -> dict[str, torch.Tensor]:
+        """Unsharded parameters under single-device names, padding stripped. Collective over tp (and pp with
+        ``all_stages``, which merges every pipeline rank's parameters on every rank)."""
+        full = {n: gather_full_tensor(p, self.specs.get(n), self.tp) for n, p in self.named_parameters()}
+        return self._merge_stages(full) if all_stages else full
+
+    def full_grads(self, all_stages: bool = False) -> dict[str, torch.Tensor]:
+        """Unsharded gradients of trainable parameters (zeros where none was produced)."""
+        full = {}
+        for name, p in self.trainable_parameters():
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            full[name] = gather_full_tensor(grad, self.specs.get(name), self.tp)
+        return self._merge_stages(full) if all_stages else full
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Copy this rank's shards out of full tensors (extra names, e.g. other stages', are ignored)."""
+        for name, param in self.named_parameters():
+            if name not in state_dict:
+                raise KeyError(f"state dict has no tensor {name!r} needed by {self.mesh.describe()}")
+            param.copy_(shard_full_tensor(state_dict[name].to(param.device), self.specs.get(name), self.tp))
+
+    def _merge_stages(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.mesh.pp == 1:
+            return full
+        parts: list = [None] * self.mesh.pp
+        dist.all_gather_object(parts, {k: v.cpu() for k, v in full.items()}, group=self.mesh.pp_group)
+        merged: dict[str, torch.Tensor] = {}
+        for part in parts:
+            merged.update(part)
+        return merged
+
+
+def parallelize(
+    model_cfg: ModelConfig,
+    pcfg: ParallelConfig,
+    mesh: ParallelMesh,
+    device: torch.device | str = "cpu",
+    init_state_dict: Mapping[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> ParallelModel:
+    """Build this rank's shard of the model directly from full tensors (or a seeded, layout-independent
+    init): nothing full-size is allocated beyond one tensor at a time from ``init_state_dict``."""
+    validate_layout(model_cfg, pcfg, mesh.tp * mesh.pp * mesh.dp)
+    skeleton = build_rank_skeleton(model_cfg, pcfg, mesh)
+    materialize(skeleton, model_cfg, torch.device(device), init_state_dict, seed, dtype)
+    return ParallelModel(model_cfg, pcfg, mesh, skeleton, device)
