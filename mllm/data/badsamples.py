@@ -1,0 +1,116 @@
+"""Counting of rejected samples: every skip is logged with its reason and counted, per dataset."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+log = logging.getLogger("mllm.data")
+
+# Reasons a sample can be rejected; the trainer exports one metric per reason.
+REASONS = (
+    "bad_annotation",  # unparsable JSON line / record without conversations
+    "empty_conversation",
+    "bad_roles",  # turns not human/gpt alternating, or no answer
+    "placeholder_mismatch",  # number of <image> placeholders != number of images
+    "reserved_token_in_text",  # <img>, </img> or <IMG_CONTEXT> written literally in the text
+    "tokenization_mismatch",  # a token straddles an answer boundary
+    "no_supervised_tokens",
+    "too_long",  # longer than a packed row; image tokens are never truncated
+    "too_many_tiles",  # more tiles than a row may hold
+    "missing_image",
+    "corrupt_image",  # unreadable, truncated or not an image
+    "unreadable_shard",
+)
+
+LOG_FIRST = 20  # log the first N rejections of each reason, then every LOG_EVERY-th
+LOG_EVERY = 1000
+
+
+class DataQualityError(RuntimeError):
+    """Too many samples of a dataset were rejected."""
+
+
+class BadSampleCounter:
+    """Per-dataset counts of seen and rejected samples, with a maximum rejected fraction."""
+
+    def __init__(self, max_bad_fraction: float = 1.0, min_samples: int = 200) -> None:
+        self.max_bad_fraction = max_bad_fraction
+        self.min_samples = min_samples
+        self.seen: Counter[str] = Counter()
+        self.bad: dict[str, Counter[str]] = {}
+        self.examples: dict[str, str] = {}  # dataset -> one example "key: reason (detail)"
+
+    def record_ok(self, dataset: str) -> None:
+        self.seen[dataset] += 1
+
+    def record_bad(
+        self, dataset: str, reason: str, key: str, detail: str = "", count_seen: bool = True
+    ) -> None:
+        """Count a rejection; count_seen=False when the sample was already counted as seen (late rejection)."""
+        if reason not in REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r}")
+        self.seen[dataset] += int(count_seen)
+        counts = self.bad.setdefault(dataset, Counter())
+        counts[reason] += 1
+        n = counts[reason]
+        example = f"{key}: {reason}" + (f" ({detail})" if detail else "")
+        self.examples.setdefault(dataset, example)
+        if n <= LOG_FIRST or n % LOG_EVERY == 0:
+            log.warning("skipped sample %s of dataset %s [%s #%d] %s", key, dataset, reason, n, detail)
+
+    @property
+    def num_seen(self) -> int:
+        return sum(self.seen.values())
+
+    @property
+    def num_bad(self) -> int:
+        return sum(sum(c.values()) for c in self.bad.values())
+
+    @property
+    def bad_fraction(self) -> float:
+        return self.num_bad / self.num_seen if self.num_seen else 0.0
+
+    def counts(self) -> dict[str, int]:
+        """Rejections per reason over all datasets."""
+        total: Counter[str] = Counter()
+        for c in self.bad.values():
+            total.update(c)
+        return dict(total)
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metrics for the trainer's logger."""
+        out: dict[str, float] = {"data/bad_fraction": self.bad_fraction, "data/seen": float(self.num_seen)}
+        out.update({f"data/bad/{reason}": float(n) for reason, n in self.counts().items()})
+        return out
+
+    def check(self) -> None:
+        """Raise DataQualityError (one line: dataset, fraction, example, fix) if a dataset is too bad."""
+        for dataset, counts in sorted(self.bad.items()):
+            seen = self.seen[dataset]
+            bad = sum(counts.values())
+            if seen < self.min_samples or bad / seen <= self.max_bad_fraction:
+                continue
+            reason, _ = counts.most_common(1)[0]
+            raise DataQualityError(
+                f"dataset {dataset!r}: {bad}/{seen} samples rejected ({bad / seen:.1%} > max_bad_fraction "
+                f"{self.max_bad_fraction}), mostly {reason}, e.g. {self.examples.get(dataset, '?')}; "
+                "fix the annotation/images of this dataset or raise data.max_bad_fraction"
+            )
+
+    def copy(self) -> BadSampleCounter:
+        other = BadSampleCounter(self.max_bad_fraction, self.min_samples)
+        other.load_state_dict(self.state_dict())
+        return other
+
+    def state_dict(self) -> dict:
+        return {
+            "seen": dict(self.seen),
+            "bad": {d: dict(c) for d, c in self.bad.items()},
+            "examples": dict(self.examples),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen = Counter(state["seen"])
+        self.bad = {d: Counter(c) for d, c in state["bad"].items()}
+        self.examples = dict(state["examples"])

@@ -1,0 +1,170 @@
+"""Per-sample processing: stage 1 (in loader workers) and stage 2 (tile decoding, in decode threads).
+
+Stage 1 is cheap: parse the record, read image headers for their sizes, choose grids, tokenize. The packer
+only needs its result (token and tile counts), so the expensive stage 2 (JPEG decode, resize, tiles) runs
+after packing and buffered samples hold encoded bytes, not pixels.
+
+Worker w of W handles positions k with k % W == w of the rank's sample order and yields one result per owned
+position, in order; the torch DataLoader's round-robin then restores the exact order whatever W is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch.utils.data
+
+from mllm.data.config import DataConfig
+from mllm.data.conversation import ConversationTokenizer, Rejected
+from mllm.data.sampling import Fetcher, SampleOrder
+from mllm.data.sources import RawSample, Source
+from mllm.data.templates import get_template
+from mllm.data.tiling import decode_tiles, num_tiles, open_image, per_image_max_tiles, select_grid
+
+
+@dataclass
+class Stage1Result:
+    pos: int
+    dataset: str = ""
+    key: str = ""
+    skip: bool = False  # a position replayed on resume that the packer no longer needs
+    reason: str | None = None
+    detail: str = ""
+    input_ids: np.ndarray | None = None
+    targets: np.ndarray | None = None
+    images: list[bytes] = field(default_factory=list)
+    tile_limits: list[tuple[int, int]] = field(default_factory=list)  # (min, max) tiles per image
+    tiles: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return 0 if self.input_ids is None else len(self.input_ids)
+
+
+def load_tokenizer(path: str):
+    """A fast Hugging Face tokenizer from a local directory."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=True)
+    except Exception as e:
+        raise ValueError(
+            f"cannot load tokenizer from {path!r} ({e}); set data.tokenizer to a local HF tokenizer dir"
+        ) from e
+
+
+class SampleProcessor:
+    def __init__(self, cfg: DataConfig, sources: Sequence[Source]) -> None:
+        self.cfg = cfg
+        self.max_tiles = {s.name: s.max_dynamic_patch or cfg.max_dynamic_patch for s in sources}
+        self._conv: ConversationTokenizer | None = None
+
+    @property
+    def conv(self) -> ConversationTokenizer:
+        if self._conv is None:  # loaded lazily, once per worker process
+            tok = load_tokenizer(self.cfg.tokenizer)
+            self._conv = ConversationTokenizer(tok, get_template(self.cfg.template), self.cfg.num_image_token)
+        return self._conv
+
+    def stage1(self, raw: RawSample, pos: int) -> Stage1Result:
+        out = Stage1Result(pos, raw.dataset, raw.key)
+        try:
+            self._stage1(raw, out)
+        except Rejected as e:
+            out.reason, out.detail = e.reason, e.detail
+            out.input_ids = out.targets = None
+            out.images = []
+        return out
+
+    def _stage1(self, raw: RawSample, out: Stage1Result) -> None:
+        if raw.error is not None:
+            raise Rejected(*raw.error)
+        record = raw.record or {}
+        if "conversations" not in record:
+            raise Rejected("bad_annotation", "record has no 'conversations'")
+        for data, err in zip(raw.images, raw.image_errors):
+            if data is None:
+                raise Rejected("missing_image", err)
+        cfg = self.cfg
+        budget = per_image_max_tiles(self.max_tiles[raw.dataset], len(raw.images))
+        lo = min(cfg.min_dynamic_patch, budget)
+        tiles_per_image = []
+        for data in raw.images:
+            try:
+                width, height = open_image(data).size
+            except Exception as e:  # noqa: BLE001 - whatever PIL raises, the image is unusable
+                raise Rejected("corrupt_image", f"{type(e).__name__}: {e}") from None
+            grid = select_grid(width, height, lo, budget, cfg.tile_size)
+            tiles_per_image.append(num_tiles(grid, cfg.use_thumbnail))
+        out.tiles = sum(tiles_per_image)
+        if out.tiles > cfg.max_tiles_per_row:
+            raise Rejected("too_many_tiles", f"{out.tiles} tiles > max_tiles_per_row {cfg.max_tiles_per_row}")
+        tokenized = self.conv(record["conversations"], tiles_per_image, max_len=cfg.seq_len)
+        out.input_ids, out.targets = tokenized.input_ids, tokenized.targets
+        out.images = list(raw.images)
+        out.tile_limits = [(lo, budget)] * len(raw.images)
+
+    def stage2(self, item: Stage1Result) -> np.ndarray:
+        """Decode and tile the sample's images -> uint8 [tiles, 3, T, T]; Rejected on a bad image."""
+        cfg = self.cfg
+        if not item.images:
+            return np.zeros((0, 3, cfg.tile_size, cfg.tile_size), dtype=np.uint8)
+        parts = []
+        for data, (lo, hi) in zip(item.images, item.tile_limits):
+            try:
+                parts.append(decode_tiles(data, lo, hi, cfg.tile_size, cfg.use_thumbnail, cfg.fast_decode))
+            except Exception as e:  # noqa: BLE001 - truncated/corrupt pixels only show up when decoding
+                raise Rejected("corrupt_image", f"{type(e).__name__}: {e}") from None
+        tiles = np.concatenate(parts)
+        if len(tiles) != item.tiles:  # cannot happen unless the header lied about the size
+            raise Rejected("corrupt_image", f"decoded {len(tiles)} tiles, expected {item.tiles}")
+        return tiles
+
+
+def stage1_stream(
+    sources: Sequence[Source],
+    cfg: DataConfig,
+    rank: int,
+    world: int,
+    order_state: dict | None,
+    needed: frozenset[int],
+    k_next: int,
+    worker: int = 0,
+    num_workers: int = 1,
+) -> Iterator[Stage1Result]:
+    """Stage-1 results for this worker's positions, from the order state on (infinite)."""
+    order = SampleOrder(sources, cfg.seed, rank, world, cfg.shuffle_buffer)
+    if order_state is not None:
+        order.load_state_dict(order_state)
+    fetcher = Fetcher(sources, order)
+    fetcher.start_at_pending()
+    processor = SampleProcessor(cfg, sources)
+    while True:
+        k, ref = order.next()
+        if k % num_workers != worker:
+            fetcher.forget(ref)
+            continue
+        if k < k_next and k not in needed:
+            fetcher.forget(ref)
+            yield Stage1Result(k, skip=True)
+            continue
+        yield processor.stage1(fetcher.get(ref), k)
+
+
+class Stage1Dataset(torch.utils.data.IterableDataset):
+    """Runs `stage1_stream` in each DataLoader worker with its worker id."""
+
+    def __init__(self, sources, cfg, rank, world, order_state, needed, k_next) -> None:
+        super().__init__()
+        self.args = (sources, cfg, rank, world, order_state, frozenset(needed), k_next)
+
+    def __iter__(self) -> Iterator[Stage1Result]:
+        info = torch.utils.data.get_worker_info()
+        worker, num = (info.id, info.num_workers) if info is not None else (0, 1)
+        return stage1_stream(*self.args, worker=worker, num_workers=num)
+
+
+def identity(x):
+    return x

@@ -1,0 +1,219 @@
+"""Datasets as lists of units (shards) of samples: InternVL meta JSON read directly, or prepared tar shards.
+
+A unit is a webdataset tar shard, or (for a meta JSON read directly) a chunk of annotation lines. Units are
+what dp ranks split; `read_unit` streams one unit's samples in order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+
+log = logging.getLogger("mllm.data")
+
+JSONL_UNIT = 1024  # annotation lines per unit when a meta JSON is read directly
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "mllm-wds-v1"
+
+
+@dataclass
+class RawSample:
+    dataset: str
+    key: str
+    record: dict | None = None  # the annotation record (conversations, image names)
+    images: list[bytes | None] = field(default_factory=list)  # encoded bytes, None if missing
+    image_errors: list[str] = field(default_factory=list)
+    error: tuple[str, str] | None = None  # (reason, detail) when the whole sample is unusable
+
+
+@dataclass
+class DatasetSpec:
+    """One entry of InternVL's meta JSON."""
+
+    name: str
+    root: str
+    annotation: str
+    repeat_time: float = 1.0
+    data_augment: bool = False
+    max_dynamic_patch: int | None = None
+    length: int | None = None
+
+
+def _resolve(base: Path, p: str) -> str:
+    return p if os.path.isabs(p) else str((base / p).resolve())
+
+
+def load_meta(path: str | os.PathLike) -> list[DatasetSpec]:
+    """Read InternVL's meta JSON; relative root/annotation paths are taken from the meta file's folder."""
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read meta JSON ({e}); give a valid InternVL meta file") from e
+    if not isinstance(meta, dict) or not meta:
+        raise ValueError(f"{path}: meta JSON must be a non-empty object {{name: {{root, annotation, ...}}}}")
+    specs = []
+    for name, entry in meta.items():
+        for key in ("root", "annotation"):
+            if not isinstance(entry, dict) or key not in entry:
+                raise ValueError(f"{path}: dataset {name!r} has no {key!r}; add it (InternVL meta format)")
+        repeat = float(entry.get("repeat_time", 1.0))
+        if repeat <= 0:
+            raise ValueError(f"{path}: dataset {name!r} repeat_time={repeat}; use a positive number")
+        mdp = entry.get("max_dynamic_patch")
+        specs.append(
+            DatasetSpec(
+                name=name,
+                root=_resolve(path.parent, entry["root"]),
+                annotation=_resolve(path.parent, entry["annotation"]),
+                repeat_time=repeat,
+                data_augment=bool(entry.get("data_augment", False)),
+                max_dynamic_patch=int(mdp) if mdp is not None else None,
+                length=entry.get("length"),
+            )
+        )
+    return specs
+
+
+def image_names(record: dict) -> list[str]:
+    """The record's image paths: `image` may be a string, a list, or absent (text-only)."""
+    image = record.get("image")
+    if image is None:
+        return []
+    return [image] if isinstance(image, str) else list(image)
+
+
+def parse_line(line: str) -> tuple[dict | None, tuple[str, str] | None]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, ("bad_annotation", f"invalid JSON ({e.msg})")
+    if not isinstance(record, dict):
+        return None, ("bad_annotation", "record is not an object")
+    return record, None
+
+
+class Source:
+    """A dataset: names, per-unit sample counts, mixing weight, and unit reading."""
+
+    name: str
+    unit_counts: list[int]
+    repeat_time: float
+    max_dynamic_patch: int | None
+
+    @property
+    def length(self) -> int:
+        return sum(self.unit_counts)
+
+    @property
+    def weight(self) -> float:
+        # Streams mix datasets in proportion to the samples an InternVL epoch would draw from them.
+        return self.length * self.repeat_time
+
+    def read_unit(self, unit: int) -> Iterator[tuple[int, RawSample]]:
+        raise NotImplementedError
+
+
+class JsonlSource(Source):
+    """A meta JSON entry read directly: annotation lines in memory, images from files under root."""
+
+    def __init__(self, spec: DatasetSpec) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.repeat_time = spec.repeat_time
+        self.max_dynamic_patch = spec.max_dynamic_patch
+        try:
+            with open(spec.annotation, encoding="utf-8") as f:
+                self.lines = [ln for ln in f.read().splitlines() if ln.strip()]
+        except OSError as e:
+            raise ValueError(f"dataset {spec.name!r}: cannot read annotation {spec.annotation} ({e})") from e
+        n = len(self.lines)
+        self.unit_counts = [min(JSONL_UNIT, n - i) for i in range(0, n, JSONL_UNIT)]
+
+    def read_unit(self, unit: int) -> Iterator[tuple[int, RawSample]]:
+        base = unit * JSONL_UNIT
+        for idx in range(self.unit_counts[unit]):
+            line_no = base + idx
+            key = f"{self.name}:{line_no + 1}"
+            record, error = parse_line(self.lines[line_no])
+            sample = RawSample(self.name, key, record, error=error)
+            if record is not None:
+                self._load_images(sample, record)
+            yield idx, sample
+
+    def _load_images(self, sample: RawSample, record: dict) -> None:
+        for name in image_names(record):
+            try:
+                with open(os.path.join(self.spec.root, name), "rb") as f:
+                    sample.images.append(f.read())
+                sample.image_errors.append("")
+            except OSError as e:
+                sample.images.append(None)
+                sample.image_errors.append(f"{name}: {e.strerror or e}")
+
+
+def _raise(exc: Exception) -> bool:
+    raise exc
+
+
+class ShardSource(Source):
+    """A dataset prepared as webdataset tar shards (see shards.prepare); streamed with webdataset."""
+
+    def __init__(self, root: Path, name: str, entry: dict) -> None:
+        self.root = root
+        self.name = name
+        self.repeat_time = float(entry.get("repeat_time", 1.0))
+        self.max_dynamic_patch = entry.get("max_dynamic_patch")
+        self.shards = [s["path"] for s in entry["shards"]]
+        self.unit_counts = [int(s["count"]) for s in entry["shards"]]
+
+    def read_unit(self, unit: int) -> Iterator[tuple[int, RawSample]]:
+        path = str(self.root / self.shards[unit])
+        try:
+            stream = wds.tariterators.tarfile_samples([{"url": path}], handler=_raise)
+            for idx, item in enumerate(stream):
+                yield idx, self._to_sample(item)
+        except Exception as e:  # noqa: BLE001 - any failure of a shard is counted, never fatal
+            log.warning("shard %s unreadable after some samples: %s", path, e)
+
+    def _to_sample(self, item: dict[str, Any]) -> RawSample:
+        key = f"{self.name}:{item['__key__']}"
+        record, error = parse_line(item.get("json", b"").decode("utf-8", "replace"))
+        sample = RawSample(self.name, key, record, error=error)
+        if record is not None:
+            for i, name in enumerate(image_names(record)):
+                data = item.get(f"img{i}{os.path.splitext(name)[1].lower()}")
+                sample.images.append(data)
+                sample.image_errors.append("" if data is not None else f"{name}: not in shard")
+        return sample
+
+
+def open_sources(path: str | os.PathLike) -> list[Source]:
+    """Open a meta JSON (read directly) or a prepared shard directory (index.json)."""
+    path = Path(path)
+    if path.is_dir():
+        index_path = path / INDEX_NAME
+        if not index_path.exists():
+            raise ValueError(f"{path}: no {INDEX_NAME}; run `python -m mllm.data prepare META.json {path}`")
+        index = json.loads(index_path.read_text())
+        if index.get("format") != INDEX_FORMAT:
+            raise ValueError(
+                f"{index_path}: format {index.get('format')!r} != {INDEX_FORMAT}; re-run prepare"
+            )
+        sources: list[Source] = [ShardSource(path, n, e) for n, e in index["datasets"].items()]
+    else:
+        sources = [JsonlSource(spec) for spec in load_meta(path)]
+    for s in sources:
+        if s.length == 0:
+            log.warning("dataset %s has no samples; it is left out", s.name)
+    sources = [s for s in sources if s.length > 0]
+    if not sources:
+        raise ValueError(f"{path}: no samples in any dataset; check the annotation files")
+    return sources

@@ -1,0 +1,83 @@
+"""InternVL's conversation templates (MPT separator style) rendered into supervised / unsupervised pieces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+INTERNVL_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+INTERNVL2_5_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    system_template: str
+    system_message: str
+    user_role: str
+    assistant_role: str
+    sep: str
+
+    def pieces(
+        self, turns: list[tuple[str, str]], system_message: str | None = None
+    ) -> list[tuple[str, bool]]:
+        """Render (role, text) turns to (text, supervised) pieces; concatenated they are the prompt.
+
+        MPT style: system + sep, then role + message + sep per turn. The assistant's answer and its separator
+        (the end token) are the supervised pieces.
+        """
+        system = self.system_template.format(
+            system_message=self.system_message if system_message is None else system_message
+        )
+        out = [(system + self.sep, False)]
+        for role, text in turns:
+            if role == "human":
+                out.append((self.user_role + text + self.sep, False))
+            else:
+                out.append((self.assistant_role, False))
+                out.append((text + self.sep, True))
+        return out
+
+
+TEMPLATES: dict[str, Template] = {
+    t.name: t
+    for t in (
+        Template(
+            "internlm2-chat",
+            "<|im_start|>system\n{system_message}",
+            INTERNVL_SYSTEM,
+            "<|im_start|>user\n",
+            "<|im_start|>assistant\n",
+            "<|im_end|>",
+        ),
+        Template(
+            "Hermes-2",
+            "<|im_start|>system\n{system_message}",
+            INTERNVL_SYSTEM,
+            "<|im_start|>user\n",
+            "<|im_start|>assistant\n",
+            "<|im_end|>",
+        ),
+        Template(
+            "internvl2_5",
+            "<|im_start|>system\n{system_message}",
+            INTERNVL2_5_SYSTEM,
+            "<|im_start|>user\n",
+            "<|im_start|>assistant\n",
+            "<|im_end|>\n",
+        ),
+        Template(
+            "phi3-chat",
+            "<|system|>\n{system_message}",
+            INTERNVL_SYSTEM,
+            "<|user|>\n",
+            "<|assistant|>\n",
+            "<|end|>",
+        ),
+    )
+}
+
+
+def get_template(name: str) -> Template:
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown template {name!r}: set data.template to one of {sorted(TEMPLATES)}")
+    return TEMPLATES[name]

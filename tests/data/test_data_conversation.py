@@ -1,0 +1,122 @@
+"""Templates, <image> expansion, labels and explicit rejections."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from mllm.data.batch import shifted_labels
+from mllm.data.conversation import ConversationTokenizer, Rejected
+from mllm.data.templates import INTERNVL_SYSTEM, Template, get_template
+
+
+@pytest.fixture(scope="module")
+def tok(synth_dir):
+    return AutoTokenizer.from_pretrained(str(synth_dir.tokenizer))
+
+
+def conv(*turns):
+    return [{"from": "human" if i % 2 == 0 else "gpt", "value": t} for i, t in enumerate(turns)]
+
+
+def render(name, turns):
+    return "".join(p for p, _ in get_template(name).pieces(turns))
+
+
+def test_template_strings():
+    turns = [("human", "Q1"), ("gpt", "A1"), ("human", "Q2"), ("gpt", "A2")]
+    assert render("internlm2-chat", turns) == (
+        f"<|im_start|>system\n{INTERNVL_SYSTEM}<|im_end|><|im_start|>user\nQ1<|im_end|><|im_start|>assistant\nA1"
+        "<|im_end|><|im_start|>user\nQ2<|im_end|><|im_start|>assistant\nA2<|im_end|>"
+    )
+    assert render("Hermes-2", turns) == render("internlm2-chat", turns)
+    assert render("internvl2_5", turns[:2]) == (
+        "<|im_start|>system\n你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+        "<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
+    )
+    assert render("phi3-chat", turns[:2]) == (
+        f"<|system|>\n{INTERNVL_SYSTEM}<|end|><|user|>\nQ1<|end|><|assistant|>\nA1<|end|>"
+    )
+    with pytest.raises(ValueError, match="data.template"):
+        get_template("vicuna")
+
+
+@pytest.mark.parametrize("template", ["internlm2-chat", "internvl2_5", "Hermes-2", "phi3-chat"])
+def test_labels_only_on_answers_and_end_token(tok, template):
+    ct = ConversationTokenizer(tok, get_template(template), num_image_token=4)
+    sample = ct(
+        conv("<image>\nWhat colour is the circle?", "The circle is red.", "Where?", "图中的圆在左边。"), [3]
+    )
+    sep = get_template(template).sep
+    supervised = tok.decode(sample.input_ids[sample.targets].tolist())
+    assert supervised == "The circle is red." + sep + "图中的圆在左边。" + sep
+    assert sample.input_ids[0] == tok.bos_token_id
+    # shifted: the label at t is the next token when that token is supervised
+    labels = shifted_labels(sample.input_ids.astype(np.int64), sample.targets)
+    t = np.flatnonzero(sample.targets)
+    assert np.array_equal(labels[t - 1], sample.input_ids[t]) and labels[-1] == -100
+    assert (labels != -100).sum() == sample.targets.sum()
+
+
+def test_image_expansion_and_prepend(tok):
+    ct = ConversationTokenizer(tok, get_template("internlm2-chat"), num_image_token=4)
+    ids = lambda t: tok.convert_tokens_to_ids(t)  # noqa: E731
+    with_placeholder = ct(conv("<image>\nWhat is it?", "A square."), [5])
+    without = ct(conv("What is it?", "A square."), [5])
+    assert np.array_equal(with_placeholder.input_ids, without.input_ids)  # "<image>\n" prepended
+    x = without.input_ids
+    ctx = np.flatnonzero(x == ids("<IMG_CONTEXT>"))
+    assert len(ctx) == 4 * 5 and np.all(np.diff(ctx) == 1)
+    assert x[ctx[0] - 1] == ids("<img>") and x[ctx[-1] + 1] == ids("</img>")
+    assert not without.targets[ctx].any()
+    two = ct(conv("Image-1: <image>\nImage-2: <image>\nWhich?", "The first."), [2, 1])
+    assert (two.input_ids == ids("<IMG_CONTEXT>")).sum() == 4 * 3
+    auto_two = ct(conv("Which?", "The first."), [2, 1])
+    assert np.array_equal(auto_two.input_ids, two.input_ids)  # InternVL's "Image-i: <image>\n" prefix
+    text_only = ct(conv("1 plus 1?", "2."), [])
+    assert (text_only.input_ids == ids("<IMG_CONTEXT>")).sum() == 0
+
+
+@pytest.mark.parametrize(
+    "conversations,tiles,reason",
+    [
+        ([], [1], "empty_conversation"),
+        (conv("<image>\n<image>\nq", "a"), [1], "placeholder_mismatch"),
+        (conv("q", "a <image>"), [1], "placeholder_mismatch"),
+        (conv("<image>\nq", "a"), [], "placeholder_mismatch"),
+        (conv("look <IMG_CONTEXT>", "a"), [], "reserved_token_in_text"),
+        ([{"from": "gpt", "value": "a"}], [], "bad_roles"),
+        ([{"from": "human", "value": "q"}], [], "bad_roles"),
+        ([{"from": "human"}], [], "bad_annotation"),
+        (conv("q", "a" * 3000), [], "too_long"),
+        (conv("<image>\nq", "a"), [40], "too_long"),  # image tokens are never truncated
+    ],
+)
+def test_rejections(tok, conversations, tiles, reason):
+    ct = ConversationTokenizer(tok, get_template("internlm2-chat"), num_image_token=4)
+    with pytest.raises(Rejected) as e:
+        ct(conversations, tiles, max_len=150)
+    assert e.value.reason == reason
+
+
+def test_tokenization_mismatch_is_rejected_not_masked(tok):
+    # A role ending in a space: byte-level BPE glues " The" into one token that straddles the answer edge.
+    t = Template(
+        "bad",
+        "<|im_start|>system\n{system_message}",
+        "s",
+        "<|im_start|>user\n",
+        "<|im_start|>assistant ",
+        "<|im_end|>",
+    )
+    ct = ConversationTokenizer(tok, t, num_image_token=4)
+    with pytest.raises(Rejected) as e:
+        ct(conv("q", "circle is red."), [])  # " circle" is one token of the tiny vocab
+    assert e.value.reason == "tokenization_mismatch"
+
+
+def test_system_turn_overrides_default(tok):
+    ct = ConversationTokenizer(tok, get_template("internlm2-chat"), num_image_token=4)
+    sample = ct([{"from": "system", "value": "Be brief."}] + conv("q", "a"), [])
+    assert tok.decode(sample.input_ids.tolist()).startswith("<s><|im_start|>system\nBe brief.<|im_end|>")
