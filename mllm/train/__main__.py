@@ -1,0 +1,58 @@
+"""Entry point: ``torchrun --nproc-per-node=N -m mllm.train --config-name=RECIPE [--dry-run] [key=value ...]``.
+
+The recipe is composed and fully validated for the world size (``WORLD_SIZE`` from torchrun) before any process
+group or model is created; a bad config exits with one line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog="python -m mllm.train", description=__doc__.split("\n")[0])
+    p.add_argument("--config-name", "-cn", required=True, help="a recipe in recipes/ (e.g. tiny_sft)")
+    p.add_argument("--config-dir", "-cd", default=None, help="another recipe directory")
+    p.add_argument(
+        "--dry-run", action="store_true", help="layout, memory and FLOPs on the meta device; no model"
+    )
+    p.add_argument("--cfg", action="store_true", help="print the composed config and exit")
+    args, overrides = p.parse_known_args(argv)
+    bad = [o for o in overrides if o.startswith("-")]
+    if bad:
+        p.error(f"unknown option(s) {' '.join(bad)}; config overrides look like key=value")
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    from mllm.config import ConfigError, load_run_config, to_yaml, validate_run_config
+    from mllm.train.setup import world_size_from_env
+
+    try:
+        run = load_run_config(args.config_name, overrides, args.config_dir)
+        if args.dry_run:
+            run.train.dry_run = True
+        if args.cfg:
+            print(to_yaml(run))
+            return 0
+        if run.train.dry_run:
+            from mllm.train.dry_run import dry_run_world_size, print_dry_run
+
+            world = dry_run_world_size(run)
+            validate_run_config(run, world, need_data=False)
+            print_dry_run(run, world)
+            return 0
+        validate_run_config(run, world_size_from_env())
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from mllm.train.run import run_training
+
+    run_training(run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""What the trainer needs from a data source, and per-micro-batch statistics for metrics and FLOPs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+class BatchSource(Protocol):
+    """This data-parallel rank's micro-batches, resumable exactly.
+
+    ``next_micro_batches(n)`` returns n dicts with input_ids, labels (shifted), segment_ids, position_ids,
+    pixel_values (float, normalized) or None, image_flags, sample_ids. Every rank of one data-parallel replica
+    (its tp and pp ranks) must return the same micro-batches.
+    """
+
+    def next_micro_batches(self, n: int) -> list[dict[str, Any]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def bad_samples(self) -> int: ...
+
+
+@dataclass
+class MicroBatchStats:
+    tokens: int = 0  # non-padding tokens
+    tiles: int = 0  # real tiles (image_flags == 1)
+    samples: int = 0
+    sample_lengths: list[int] = field(default_factory=list)
+    all_tiles: int = 0  # tiles run through the ViT, dummy tiles included (FLOPs)
+    sample_ids: list = field(default_factory=list)
+
+    def __add__(self, other: MicroBatchStats) -> MicroBatchStats:
+        return MicroBatchStats(
+            self.tokens + other.tokens,
+            self.tiles + other.tiles,
+            self.samples + other.samples,
+            self.sample_lengths + other.sample_lengths,
+            self.all_tiles + other.all_tiles,
+            self.sample_ids + other.sample_ids,
+        )
+
+
+def micro_batch_stats(mb: dict[str, Any]) -> MicroBatchStats:
+    """Token, tile and sample counts of one micro-batch; sample lengths from the packed segment ids."""
+    input_ids = mb["input_ids"]
+    seg = mb.get("segment_ids")
+    if seg is None:
+        seg = torch.ones_like(input_ids)
+    lengths: list[int] = []
+    for row in seg:
+        ids, counts = torch.unique_consecutive(row, return_counts=True)
+        lengths += [int(c) for i, c in zip(ids.tolist(), counts.tolist()) if i > 0]
+    flags = mb.get("image_flags")
+    pixels = mb.get("pixel_values")
+    all_tiles = 0 if pixels is None else int(pixels.shape[0])
+    tiles = all_tiles if flags is None else int(flags.sum())
+    ids = mb.get("sample_ids")
+    ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids or [])
+    return MicroBatchStats(sum(lengths), tiles, len(lengths), lengths, all_tiles, ids)
+
+
+def model_inputs(mb: dict[str, Any]) -> dict[str, Any]:
+    """The keys ``ParallelModel.forward_backward`` consumes."""
+    keys = ("input_ids", "labels", "segment_ids", "position_ids", "pixel_values", "image_flags")
+    return {k: mb[k] for k in keys if mb.get(k) is not None}

@@ -1,0 +1,198 @@
+"""Sharded, atomic checkpoints with ``torch.distributed.checkpoint`` (DCP) and keep-last-k retention.
+
+Layout of a checkpoint root (``RUN_DIR/checkpoints``)::
+
+    step_00000050/          a complete checkpoint (only complete ones carry this name)
+      .metadata, *.distcp   DCP: model + optimizer tensors, resharded on load into any tp/pp/dp layout
+      extra/rank_00003.pt   per-rank Python state: RNG states, data-loader state
+      meta.json             step, layout, time; written last
+    .tmp_step_00000060/     being written (or left by a crash): never chosen by resume=auto
+
+Atomicity: every rank writes into the ``.tmp_`` directory, all ranks meet at a barrier, then rank 0 writes
+``meta.json`` and renames the directory (an atomic ``rename`` on POSIX filesystems). A crash at any point before
+the rename leaves only a ``.tmp_`` directory, which ``latest()`` ignores and the next save removes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+STEP_PREFIX = "step_"
+TMP_PREFIX = ".tmp_"
+META_FILE = "meta.json"
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (
+        path.name.startswith(STEP_PREFIX) and (path / META_FILE).is_file() and (path / ".metadata").is_file()
+    )
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def resolve_resume(resume: str, root: Path) -> Path | None:
+    """``none`` -> None; ``auto`` -> the latest complete checkpoint (None on a fresh run); else that path."""
+    if resume in ("none", "", None):
+        return None
+    if resume == "auto":
+        return latest_checkpoint(root)
+    path = Path(resume)
+    if not is_complete(path):
+        raise FileNotFoundError(
+            f"checkpoint.resume={resume}: not a complete checkpoint (no {META_FILE}/.metadata); "
+            f"pass a {STEP_PREFIX}* directory, 'auto' or 'none'"
+        )
+    return path
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((path / META_FILE).read_text())
+
+
+# -- RNG state ------------------------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# -- the manager ----------------------------------------------------------------------------------------------
+class CheckpointManager:
+    """Saves/loads checkpoints under ``root``; every rank of ``group`` calls ``save``/``load`` together."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        keep_last: int = 3,
+        group: dist.ProcessGroup | None = None,
+        async_save: bool = False,
+    ) -> None:
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.group = group
+        self.async_save = async_save
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self._pending: tuple[Any, Path, Path, dict] | None = None  # (future, tmp dir, final dir, meta)
+        # Test hook: called after the shards are written and before the commit (crash-during-save tests).
+        self.before_commit: Callable[[int], None] | None = None
+
+    # -- save ---------------------------------------------------------------------------------------------
+    def save(self, step: int, tensors: dict[str, Any], extra: dict[str, Any], meta: dict[str, Any]) -> Path:
+        """Write ``tensors`` (DCP, sharded) and this rank's ``extra`` for ``step``; commit when complete."""
+        self.finalize()  # at most one save in flight
+        final = self.root / step_dir_name(step)
+        tmp = self.root / (TMP_PREFIX + final.name)
+        if self.rank == 0:
+            self._remove_stale_tmp()
+            tmp.mkdir(parents=True, exist_ok=True)
+            (tmp / "extra").mkdir(exist_ok=True)
+        self._barrier()
+        torch.save(extra, tmp / "extra" / f"rank_{self.rank:05d}.pt")
+        meta = {**meta, "step": step, "time": time.time()}
+        if self.async_save:
+            future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self.group)
+            self._pending = (future, tmp, final, meta)
+        else:
+            dcp.save(tensors, checkpoint_id=str(tmp), process_group=self.group)
+            self._commit(tmp, final, meta)
+        return final
+
+    def finalize(self) -> None:
+        """Wait for an asynchronous save and commit it (all ranks call this)."""
+        if self._pending is None:
+            return
+        future, tmp, final, meta = self._pending
+        self._pending = None
+        future.result()
+        self._commit(tmp, final, meta)
+
+    def _commit(self, tmp: Path, final: Path, meta: dict) -> None:
+        self._barrier()  # every rank's shards and extras are on disk
+        if self.before_commit is not None:
+            self.before_commit(meta["step"])
+        if self.rank == 0:
+            _write_json_durably(tmp / META_FILE, meta)
+            if final.exists():  # a re-save of the same step (e.g. after a resume): replace it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+            self._apply_retention()
+        self._barrier()
+
+    def _apply_retention(self) -> None:
+        if self.keep_last <= 0:
+            return
+        for old in list_checkpoints(self.root)[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _remove_stale_tmp(self) -> None:
+        for stale in self.root.glob(TMP_PREFIX + "*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    # -- load ---------------------------------------------------------------------------------------------
+    def load(self, path: Path, tensors: dict[str, Any]) -> tuple[dict[str, Any] | None, dict]:
+        """Load into ``tensors`` in place (resharding to their layout); returns (this rank's extra or None
+        when the checkpoint has no file for this rank, meta)."""
+        meta = read_meta(path)
+        dcp.load(tensors, checkpoint_id=str(path), process_group=self.group)
+        extra_file = path / "extra" / f"rank_{self.rank:05d}.pt"
+        extra = torch.load(extra_file, weights_only=False) if extra_file.is_file() else None
+        return extra, meta
+
+    def _barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier(group=self.group)
+
+
+def _write_json_durably(path: Path, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

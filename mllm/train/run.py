@@ -1,0 +1,38 @@
+"""Run a training job on this process (called by ``python -m mllm.train`` on every rank)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch.distributed as dist
+
+from mllm.train.batches import BatchSource
+from mllm.train.config import RunConfig
+from mllm.train.setup import init_distributed, resolve_device
+from mllm.train.trainer import Trainer
+from parallel.mesh import ParallelMesh
+
+MakeBatches = Callable[[RunConfig, ParallelMesh], BatchSource]
+
+
+def default_batches(run: RunConfig, mesh: ParallelMesh) -> BatchSource:
+    from mllm.train.data import DataLoaderSource
+
+    return DataLoaderSource(run, mesh)
+
+
+def run_training(run: RunConfig, make_batches: MakeBatches | None = None) -> dict:
+    """Initialize torch.distributed (if needed), train, and tear down; returns the last step's summary."""
+    device = resolve_device(run)
+    owns_group = not dist.is_initialized()
+    init_distributed(device)
+    try:
+        trainer = Trainer(run, make_batches or default_batches)
+        result = trainer.fit()
+        if trainer.rank == 0 and result.get("stopped"):
+            print(f"stopped at step {result['step']} after a save-and-exit request", file=sys.stderr)
+        return result
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,254 @@
+"""The training loop: parallel model + AdamW groups + schedule + checkpoints + metrics, with exact resume.
+
+Exactness: the state after step N is (weights, AdamW state, schedule step, RNG states, data-loader state), all
+saved; every step is a pure function of that state, so N steps + resume + N steps reproduces 2N straight steps
+bit for bit (fp32, CPU, same layout). Non-finite steps are skipped identically on every rank because the loss
+and the gradient norm are all-reduced before the decision.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mllm.train import state as ckpt_state
+from mllm.train.batches import BatchSource, MicroBatchStats, micro_batch_stats, model_inputs
+from mllm.train.checkpoint import (
+    CheckpointManager,
+    latest_checkpoint,
+    list_checkpoints,
+    read_meta,
+    resolve_resume,
+    rng_state,
+    set_rng_state,
+)
+from mllm.train.config import RunConfig
+from mllm.train.flops import TrainedParts, peak_tflops_for, step_flops
+from mllm.train.metrics import MetricsLogger, peak_memory_gib
+from mllm.train.optim import LRSchedule, build_adamw, build_param_groups
+from mllm.train.setup import compute_dtype, load_initial_state, rank_seed, resolve_device, seed_everything
+from parallel.mesh import ParallelMesh, build_mesh
+from parallel.model import ParallelModel, parallelize
+
+SAVE_AND_EXIT_FILE = "save_and_exit"
+DONE_FILE = "DONE"
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a NaN/inf loss or gradient norm."""
+
+
+class Trainer:
+    """One rank's trainer. Every rank constructs it and calls ``fit`` (torch.distributed already initialized)."""
+
+    def __init__(
+        self, run: RunConfig, make_batches: Callable[[RunConfig, ParallelMesh], BatchSource]
+    ) -> None:
+        self.run = run
+        self.device = resolve_device(run)
+        self.dtype = compute_dtype(run, self.device)
+        self.mesh = build_mesh(run.parallel, self.device.type)
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self.run_dir = Path(run.train.run_dir)
+        seed_everything(rank_seed(run.train.seed, self.mesh.dp_rank, self.mesh.pp_rank))
+        self.pm: ParallelModel = parallelize(
+            run.model, run.parallel, self.mesh, self.device, load_initial_state(run), run.train.seed
+        )
+        self.pm.train()
+        groups = build_param_groups(self.pm.named_parameters(), run.optim, run.model.vision.num_layers)
+        self.optimizer = build_adamw(groups, run.optim)
+        ckpt_state.init_optimizer_state(self.optimizer)
+        self.schedule = LRSchedule(run.optim, run.train.steps)
+        self.batches = make_batches(run, self.mesh)
+        self.grad_accum = run.train.global_batch_size // (run.data.micro_batch_size * self.mesh.dp)
+        self.ckpt = CheckpointManager(
+            run.checkpoint.dir or self.run_dir / "checkpoints",
+            run.checkpoint.keep_last,
+            async_save=run.checkpoint.async_save,
+        )
+        self.step = 0  # optimizer steps done
+        self.skipped = 0
+        self.consecutive_nonfinite = 0
+        self.trained = TrainedParts(
+            vision=not run.parallel.freeze_vision,
+            projector=not run.parallel.freeze_projector,
+            llm=not run.parallel.freeze_llm,
+        )
+        self.peak_tflops = peak_tflops_for(
+            torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            run.logging.peak_tflops,
+        )
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def layout(self) -> dict[str, int]:
+        return {"tp": self.mesh.tp, "pp": self.mesh.pp, "dp": self.mesh.dp, "world": self.world}
+
+    def save(self) -> Path:
+        extra = {
+            "rng": rng_state(),
+            "data": self.batches.state_dict(),
+            "dp_rank": self.mesh.dp_rank,
+            "counters": {"skipped": self.skipped, "consecutive_nonfinite": self.consecutive_nonfinite},
+        }
+        meta = {"layout": self.layout(), "backend": self.run.parallel.layer_backend}
+        tensors = ckpt_state.checkpoint_tensors(self.pm, self.optimizer)
+        return self.ckpt.save(self.step, tensors, extra, meta)
+
+    def resume(self, path: Path) -> None:
+        """Load weights/optimizer into this layout; RNG and data state too when the data layout matches."""
+        meta = read_meta(path)
+        tensors = ckpt_state.checkpoint_tensors(self.pm, self.optimizer)
+        extra, meta = self.ckpt.load(path, tensors)
+        ckpt_state.restore_tensors(self.pm, self.optimizer, tensors)
+        self.step = int(meta["step"])
+        self.schedule.load_state_dict({"step": self.step})
+        same_layout = meta["layout"] == self.layout()
+        if extra is not None and meta["layout"]["dp"] == self.mesh.dp:
+            self.batches.load_state_dict(self._data_state_for_dp_rank(path, meta))
+        else:
+            self.batches.load_state_dict({"resume_global_step": self.step, "layout": meta["layout"]})
+        if same_layout and extra is not None:
+            set_rng_state(extra["rng"])
+            self.skipped = extra["counters"]["skipped"]
+            self.consecutive_nonfinite = extra["counters"]["consecutive_nonfinite"]
+        else:  # another layout: RNG streams cannot be mapped; reseed deterministically from the step
+            seed_everything(rank_seed(self.run.train.seed + self.step, self.mesh.dp_rank, self.mesh.pp_rank))
+
+    def _data_state_for_dp_rank(self, path: Path, meta: dict) -> dict:
+        """The data-loader state saved by a rank with this dp rank (the data layout only depends on dp)."""
+        for f in sorted((path / "extra").glob("rank_*.pt")):
+            extra = torch.load(f, weights_only=False)
+            if extra["dp_rank"] == self.mesh.dp_rank:
+                return extra["data"]
+        raise FileNotFoundError(f"{path}: no data-loader state for dp rank {self.mesh.dp_rank}")
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        run = self.run
+        resume_from = resolve_resume(run.checkpoint.resume, self.ckpt.root)
+        if resume_from is not None:
+            self.resume(resume_from)
+        logger = MetricsLogger(
+            self.run_dir,
+            self.rank == 0,
+            run.train.steps,
+            self.step,
+            run.logging.tensorboard,
+            run.logging.progress,
+        )
+        if resume_from is not None:
+            logger.message(f"resumed from {resume_from} at step {self.step} ({self.mesh.describe()})")
+        last_loss = float("nan")
+        try:
+            while self.step < run.train.steps:
+                if self._stop_requested():
+                    logger.message(f"stopping: checkpointing step {self.step}")
+                    if (
+                        not list_checkpoints(self.ckpt.root)
+                        or read_meta(latest_checkpoint(self.ckpt.root))["step"] != self.step
+                    ):
+                        self.save()
+                    self.ckpt.finalize()
+                    return {"step": self.step, "loss": last_loss, "stopped": True}
+                record = self.train_step()
+                last_loss = record["loss"]
+                if self.step % run.logging.every == 0 or self.step == run.train.steps:
+                    logger.log_step(record)
+                if run.checkpoint.every and self.step % run.checkpoint.every == 0:
+                    self.save()
+            if run.checkpoint.save_final and (not run.checkpoint.every or self.step % run.checkpoint.every):
+                self.save()
+            self.ckpt.finalize()
+        finally:
+            logger.close()
+        if self.rank == 0:
+            (self.run_dir / DONE_FILE).write_text(f"{self.step}\n")
+        return {"step": self.step, "loss": last_loss, "stopped": False}
+
+    def train_step(self) -> dict:
+        """One optimizer step over the global batch; returns the metrics record."""
+        t0 = time.perf_counter()
+        micro = self.batches.next_micro_batches(self.grad_accum)
+        stats = sum((micro_batch_stats(mb) for mb in micro), MicroBatchStats())
+        lr = self.schedule.apply(self.optimizer, self.step)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            result = self.pm.forward_backward([model_inputs(mb) for mb in micro])
+        clip = self.run.optim.grad_clip if self.run.optim.grad_clip > 0 else float("inf")
+        grad_norm = float(self.pm.clip_grad_norm_(clip))
+        loss = float(result.loss)
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.consecutive_nonfinite = 0
+        else:
+            self._on_nonfinite(loss, grad_norm, stats)
+        self.pm.zero_grad()
+        self.step += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        step_time = time.perf_counter() - t0
+        return self._record(loss, grad_norm, lr, stats, step_time)
+
+    def _on_nonfinite(self, loss: float, grad_norm: float, stats: MicroBatchStats) -> None:
+        self.skipped += 1
+        self.consecutive_nonfinite += 1
+        k = self.run.train.max_consecutive_nonfinite
+        if self.consecutive_nonfinite < k:
+            return
+        ids: list = [None] * self.world
+        dist.all_gather_object(ids, stats.sample_ids)
+        raise NonFiniteError(
+            f"step {self.step}: loss {loss} / grad norm {grad_norm} non-finite for {k} consecutive steps "
+            f"(train.max_consecutive_nonfinite={k}); this step's micro-batches hold sample ids "
+            f"{sorted({i for rank_ids in ids for i in rank_ids}, key=str)}; check those samples or lower optim.lr"
+        )
+
+    def _record(
+        self, loss: float, grad_norm: float, lr: float, stats: MicroBatchStats, step_time: float
+    ) -> dict:
+        # Counts are summed over data-parallel replicas (tp/pp ranks of one replica see the same batches).
+        counts = torch.tensor(
+            [stats.tokens, stats.tiles, stats.samples, self.batches.bad_samples()],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        if self.mesh.dp > 1:
+            dist.all_reduce(counts, group=self.mesh.dp_group)
+        local_flops = step_flops(
+            self.run.model, [(n, 0) for n in stats.sample_lengths] + [(0, stats.all_tiles)], self.trained
+        ).total
+        flops = torch.tensor([local_flops], dtype=torch.float64, device=self.device)
+        if self.mesh.dp > 1:
+            dist.all_reduce(flops, group=self.mesh.dp_group)
+        tflops = float(flops.item()) / max(step_time, 1e-9) / self.world / 1e12
+        tokens, tiles, samples, bad = (int(x) for x in counts.tolist())
+        return {
+            "step": self.step,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens": tokens,
+            "tiles": tiles,
+            "samples": samples,
+            "bad_samples": bad,
+            "skipped_steps": self.skipped,
+            "step_time": step_time,
+            "tokens_per_s": tokens / max(step_time, 1e-9),
+            "tflops_per_device": tflops,
+            "mfu": tflops / self.peak_tflops if self.peak_tflops else 0.0,
+            "peak_mem": peak_memory_gib(self.device),
+        }
+
+    def _stop_requested(self) -> bool:
+        """``train.stop_after`` reached, or the SLURM time-limit handler's request, agreed on by every rank
+        (they may see the file at slightly different times)."""
+        if self.run.train.stop_after is not None and self.step >= self.run.train.stop_after:
+            return True
+        flag = torch.tensor([float((self.run_dir / SAVE_AND_EXIT_FILE).exists())], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
