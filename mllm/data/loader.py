@@ -59,7 +59,7 @@ class PackedLoader:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
         self.cfg, self.rank, self.world = cfg, dp_rank, dp_size
         self.sources = open_sources(cfg.path)
-        self.processor = SampleProcessor(cfg, self.sources)
+        self.processor = SampleProcessor(cfg, self.sources, dp_rank)
         tok = load_tokenizer(cfg.tokenizer)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.flops = FlopModel(

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch.utils.data
 
+from mllm.data.augment import degrade_tiles
 from mllm.data.config import DataConfig
 from mllm.data.conversation import ConversationTokenizer, Rejected
 from mllm.data.sampling import Fetcher, SampleOrder
@@ -56,9 +57,11 @@ def load_tokenizer(path: str):
 
 
 class SampleProcessor:
-    def __init__(self, cfg: DataConfig, sources: Sequence[Source]) -> None:
+    def __init__(self, cfg: DataConfig, sources: Sequence[Source], rank: int = 0) -> None:
         self.cfg = cfg
+        self.rank = rank  # dp rank: seeds data_augment's per-tile JPEG qualities with the sample position
         self.max_tiles = {s.name: s.max_dynamic_patch or cfg.max_dynamic_patch for s in sources}
+        self.augment = {s.name: s.data_augment for s in sources}
         self._conv: ConversationTokenizer | None = None
 
     @property
@@ -111,12 +114,16 @@ class SampleProcessor:
         cfg = self.cfg
         if not item.images:
             return np.zeros((0, 3, cfg.tile_size, cfg.tile_size), dtype=np.uint8)
+        augment = self.augment.get(item.dataset, False)
         parts = []
-        for data, (lo, hi) in zip(item.images, item.tile_limits):
+        for i, (data, (lo, hi)) in enumerate(zip(item.images, item.tile_limits)):
             try:
-                parts.append(decode_tiles(data, lo, hi, cfg.tile_size, cfg.use_thumbnail, cfg.fast_decode))
+                tiles = decode_tiles(data, lo, hi, cfg.tile_size, cfg.use_thumbnail, cfg.fast_decode)
             except Exception as e:  # noqa: BLE001 - truncated/corrupt pixels only show up when decoding
                 raise Rejected("corrupt_image", f"{type(e).__name__}: {e}") from None
+            if augment:  # InternVL degrades each tile after tiling (its per-tile transform), see augment.py
+                tiles = degrade_tiles(tiles, cfg.seed, self.rank, item.pos, i)
+            parts.append(tiles)
         tiles = np.concatenate(parts)
         if len(tiles) != item.tiles:  # cannot happen unless the header lied about the size
             raise Rejected("corrupt_image", f"decoded {len(tiles)} tiles, expected {item.tiles}")

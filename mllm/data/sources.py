@@ -107,6 +107,7 @@ class Source:
     unit_counts: list[int]
     repeat_time: float
     max_dynamic_patch: int | None
+    data_augment: bool = False  # InternVL's random JPEG degradation of training tiles (augment.py)
 
     @property
     def length(self) -> int:
@@ -129,6 +130,7 @@ class JsonlSource(Source):
         self.name = spec.name
         self.repeat_time = spec.repeat_time
         self.max_dynamic_patch = spec.max_dynamic_patch
+        self.data_augment = spec.data_augment
         try:
             with open(spec.annotation, encoding="utf-8") as f:
                 self.lines = [ln for ln in f.read().splitlines() if ln.strip()]
@@ -171,6 +173,7 @@ class ShardSource(Source):
         self.name = name
         self.repeat_time = float(entry.get("repeat_time", 1.0))
         self.max_dynamic_patch = entry.get("max_dynamic_patch")
+        self.data_augment = bool(entry.get("data_augment", False))
         self.shards = [s["path"] for s in entry["shards"]]
         self.unit_counts = [int(s["count"]) for s in entry["shards"]]
 
