@@ -1,0 +1,108 @@
+"""Transformer Engine backend on CPU: errors, row order, and state-dict NAMING/SHAPE compatibility.
+
+TE cannot run here. The compatibility tests use ``fake_transformer_engine`` (documented TE names, shapes and
+call signatures, torch math): they check OUR side - parameter names, local shards, the fc1 = [gate; up] layout,
+THD reshapes - not TE. Whether TE computes the same loss is what ``bench/te_parity.py`` checks where TE exists.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import fake_transformer_engine  # tests/kernels/, on sys.path under pytest's default import mode
+import pytest
+import torch
+
+import parallel.te_backend as te_backend
+from mllm.kernels.deps import MissingDependencyError
+from mllm.kernels.fp8 import FP8Config
+from mllm.model import build_model
+from mllm.model.config import tiny
+from mllm.model.internvl import InternVLModel
+from parallel.layers import TorchLayerBackend, TPInfo, get_layer_backend
+from parallel.tensor_parallel import parallelize_model_tp
+
+
+@pytest.fixture
+def fake_te(monkeypatch: pytest.MonkeyPatch):
+    te_backend._te_linear_classes.cache_clear()
+    yield fake_transformer_engine.install(monkeypatch)
+    te_backend._te_linear_classes.cache_clear()
+
+
+def test_missing_transformer_engine_is_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "transformer_engine", None)
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)
+    with pytest.raises(MissingDependencyError) as err:
+        get_layer_backend("te")
+    message = str(err.value)
+    assert "\n" not in message and "parallel.layer_backend=te" in message
+    assert "'transformer-engine'" in message and "pip install 'mllm[gpu]'" in message
+
+
+def test_te_fp8_recipe_names_the_te_choices() -> None:
+    with pytest.raises(
+        ValueError, match="fp8.recipe='rowwise' is not a te-backend recipe: use one of delayed"
+    ):
+        te_backend.te_fp8_recipe(FP8Config(recipe="rowwise"))
+
+
+def test_sequence_parallel_row_order_round_trip() -> None:
+    b, tp, s_local, f = 2, 2, 3, 4
+    x = torch.arange(b * tp * s_local * f, dtype=torch.float32).view(b, tp * s_local, f)
+    te_rows = te_backend.ours_to_te_rows(x, tp)
+    # TE reduce-scatters along dim 0: rank r must receive exactly its sequence chunk of every row.
+    for r in range(tp):
+        torch.testing.assert_close(te_rows[r * b : (r + 1) * b], x[:, r * s_local : (r + 1) * s_local])
+    torch.testing.assert_close(te_backend.te_to_ours_rows(te_rows, tp), x)
+
+
+def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("fuse_mlp", [False, True])
+def test_naming_and_local_shards_match_torch_backend_at_tp2(fake_te, fuse_mlp: bool) -> None:
+    """NAMING/SHAPE test with a fake TE: rank 0 of tp=2 with sequence parallelism, on the meta device."""
+    cfg = tiny()
+    tp = TPInfo(size=2, rank=0, group=None)
+    with torch.device("meta"):
+        ours, theirs = InternVLModel(cfg), InternVLModel(cfg)
+        parallelize_model_tp(ours, cfg, tp, TorchLayerBackend(), sequence_parallel=True)
+        parallelize_model_tp(theirs, cfg, tp, te_backend.TELayerBackend(), sequence_parallel=True)
+        if fuse_mlp:
+            t = cfg.text
+            for layer in theirs.llm.layers:
+                te_backend.fuse_llm_mlp_te(
+                    layer, t.hidden_size, t.intermediate_size, t.rms_norm_eps, tp=tp, sequence_parallel=True
+                )
+    assert type(theirs.llm.layers[0].self_attn.q_proj).__name__ == "TEColumnParallelLinear"
+    assert _shapes(theirs) == _shapes(ours)
+
+
+@pytest.mark.parametrize("fuse_mlp", [False, True])
+def test_torch_checkpoint_loads_into_te_model_and_gives_same_logits(fake_te, fuse_mlp: bool) -> None:
+    """NAMING test with a fake TE (torch math): a torch-backend state dict loads strictly into the TE-backend
+    model and every tensor lands where it is used (same logits on packed rows, vision tiles included)."""
+    torch.manual_seed(0)
+    cfg = tiny()
+    reference = build_model(cfg).eval()
+    model = InternVLModel(cfg)
+    parallelize_model_tp(model, cfg, TPInfo(), te_backend.TELayerBackend(), sequence_parallel=False)
+    if fuse_mlp:
+        t = cfg.text
+        for layer in model.llm.layers:
+            te_backend.fuse_llm_mlp_te(layer, t.hidden_size, t.intermediate_size, t.rms_norm_eps, tp=TPInfo())
+    model.load_state_dict(reference.state_dict(), strict=True)
+    assert list(model.state_dict()) == list(reference.state_dict())
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, atol=0, rtol=0)
+    model.eval()
+    seg = torch.tensor([[1] * 30 + [2] * 10 + [0] * 4, [1] * 44])
+    ids = torch.randint(0, 900, seg.shape)
+    ids[0, 2 : 2 + cfg.num_image_token] = cfg.image_token_id
+    pixels = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        ref = reference(ids, pixel_values=pixels, segment_ids=seg).logits
+        out = model(ids, pixel_values=pixels, segment_ids=seg).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
