@@ -84,9 +84,8 @@ class ColumnParallelLinear(nn.Module):
         local = tp.local(out_features, "column-parallel out_features")
         self.weight = nn.Parameter(torch.empty(local, in_features))
         self.bias = nn.Parameter(torch.empty(local)) if bias else None
-        self.local_gemm = (
-            F.linear
-        )  # (x, weight, bias) -> y on the local shard; FP8 swaps it (mllm.kernels.fp8)
+        # (x, weight, bias) -> y on the local shard; FP8 swaps it (mllm.kernels.fp8).
+        self.local_gemm = F.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.local_gemm(_enter_region(x, self.tp, self.sequence_parallel), self.weight, self.bias)
@@ -107,9 +106,8 @@ class RowParallelLinear(nn.Module):
         local = tp.local(in_features, "row-parallel in_features")
         self.weight = nn.Parameter(torch.empty(out_features, local))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.local_gemm = (
-            F.linear
-        )  # (x, weight, bias) -> y on the local shard; FP8 swaps it (mllm.kernels.fp8)
+        # (x, weight, bias) -> y on the local shard; FP8 swaps it (mllm.kernels.fp8).
+        self.local_gemm = F.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _leave_region(self.local_gemm(x, self.weight, None), self.tp, self.sequence_parallel)
