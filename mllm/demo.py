@@ -18,6 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import mllm.hf
+from mllm.config import load_run_config
+from mllm.data.templates import get_template
+from mllm.demo_hf import (
+    build_question,
+    load_checkpoint_model,
+    our_logits,
+    transformers_answer,
+    transformers_logits,
+)
 from mllm.demo_train import (
     RECIPE,
     DemoError,
@@ -107,18 +117,8 @@ def _export_and_ask(
     ckpt: Path, data_dir: Path, run_dir: Path, hf_dir: Path, say: Callable[[str], None]
 ) -> dict:
     """Export, load with transformers, check its logits against ours, ask one question."""
-    import mllm.hf
-    from mllm.config import load_run_config
-    from mllm.demo_hf import (
-        build_question,
-        load_checkpoint_model,
-        our_logits,
-        transformers_answer,
-        transformers_logits,
-    )
-
     run = load_run_config(RECIPE, recipe_overrides(data_dir, run_dir, TP, PP))
-    ours = load_checkpoint_model(ckpt, run.model)
+    ours = load_checkpoint_model(ckpt, run.model)  # the path from a DCP checkpoint to HF (mllm.demo_hf)
     mllm.hf.save(ours, hf_dir, format="transformers", tokenizer_dir=run.data.tokenizer)
     try:
         from transformers import AutoModelForImageTextToText, AutoTokenizer
@@ -129,21 +129,16 @@ def _export_and_ask(
     hf_model = AutoModelForImageTextToText.from_pretrained(hf_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     q = build_question(data_dir, run.data)
-    diff = transformers_logits(hf_model, q.input_ids, q.pixel_values) - our_logits(
-        ours, q.input_ids, q.pixel_values
-    )
-    diff = float(diff.abs().max())
+    theirs = transformers_logits(hf_model, q.input_ids, q.pixel_values)
+    diff = float((theirs - our_logits(ours, q.input_ids, q.pixel_values)).abs().max())
     if not diff <= LOGITS_TOLERANCE:
         raise DemoError(f"export: transformers' logits differ from ours by {diff:.3g} (> {LOGITS_TOLERANCE})")
     say(
         f"  {type(hf_model).__name__} loaded; logits on the prompt ({q.input_ids.shape[1]} tokens, "
-        f"{len(q.pixel_values)} tiles) match our model's within {diff:.1e}"
+        f"{len(q.pixel_values)} tiles) equal our model's: max abs diff {diff:.1e}"
     )
-    from mllm.data.templates import get_template
-
-    answer, new_tokens = transformers_answer(
-        hf_model, tokenizer, q, get_template(run.data.template).sep.strip()
-    )
+    end_token = get_template(run.data.template).sep.strip()
+    answer, new_tokens = transformers_answer(hf_model, tokenizer, q, end_token)
     if new_tokens == 0:
         raise DemoError("transformers generate returned no tokens")
     say(f"  image    {q.image.relative_to(data_dir)} ({q.sample_id})")
@@ -166,9 +161,14 @@ def _shown(cmd: list[str]) -> str:
 
 def summary(r: DemoResult) -> list[str]:
     first, last = r.train.losses[0], r.train.losses[-1]
+    tail = r.train.losses[-5:]
     rows = [
         ("data", str(r.data_dir)),
-        ("loss (run 1)", f"{first:.3f} at step 1 -> {last:.3f} at step {r.train.records[-1]['step']}"),
+        (
+            "loss (run 1)",
+            f"{first:.3f} at step 1 -> {last:.3f} at step {r.train.records[-1]['step']} "
+            f"(mean of the last {len(tail)}: {sum(tail) / len(tail):.3f})",
+        ),
         (
             "resume",
             f"from step {r.checkpoint_step} -> step {r.resumed.records[-1]['step']}, "
