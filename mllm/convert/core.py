@@ -17,6 +17,7 @@ import torch
 from mllm import checkpoint_io
 from mllm.convert import files, internvl_chat, transformers_native
 from mllm.convert.errors import CheckpointError, name_a_few
+from mllm.convert.text_config import text_arch, text_config_to_ours
 from mllm.model.config import ModelConfig
 from mllm.model.internvl import build_model
 
@@ -66,11 +67,21 @@ def check_state_dict(
         other = hf_name(name) if hf_name else None
         return other or name
 
-    expected = expected_shapes(cfg)
+    _check_against(sd, expected_shapes(cfg), where, shown, unmapped, "config.json")
+
+
+def _check_against(
+    sd: dict[str, torch.Tensor],
+    expected: dict[str, tuple[int, ...]],
+    where: str,
+    shown: Callable[[str], str],
+    unmapped: list[str],
+    source: str,
+) -> None:
     unexpected = list(unmapped) + [shown(k) for k in sd if k not in expected]
     if unexpected:
         raise CheckpointError(
-            f"{where}: unexpected tensors not in the model described by config.json: {name_a_few(unexpected)}"
+            f"{where}: unexpected tensors not in the model described by {source}: {name_a_few(unexpected)}"
         )
     missing = [shown(k) for k in expected if k not in sd]
     if missing:
@@ -79,7 +90,7 @@ def check_state_dict(
         if tuple(sd[name].shape) != shape:
             raise CheckpointError(
                 f"{where}: tensor {shown(name)} has shape {tuple(sd[name].shape)}, expected {shape} "
-                "from config.json"
+                f"from {source}"
             )
 
 
@@ -170,3 +181,101 @@ def export_hf(
     """Native (or HF) checkpoint directory -> HF directory of format ``fmt``."""
     sd, cfg = read_checkpoint(ckpt_dir)
     return write_hf(_cast(sd, dtype), cfg, out_dir, fmt, max_shard_size, tokenizer_dir=ckpt_dir)
+
+
+# -- part checkpoints (a separate InternViT or LLM, e.g. the start of stage-1 training) ----------------------
+_VISION_FIELDS = (  # VisionConfig fields that decide the tensors' names and shapes
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "intermediate_size",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "norm_type",
+    "qkv_bias",
+    "qk_norm",
+)
+_TEXT_FIELDS = (
+    "arch",
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "resolved_head_dim",
+    "intermediate_size",
+    "qkv_bias",
+    "o_bias",
+    "tie_word_embeddings",
+)
+
+
+def _check_part_config(ckpt: object, ours: object, fields: tuple[str, ...], where: str, key: str) -> None:
+    """The part checkpoint's config.json describes the same tensors as the run's ``model.<key>``."""
+    for field in fields:
+        theirs, mine = getattr(ckpt, field), getattr(ours, field)
+        if theirs != mine:
+            raise CheckpointError(
+                f"{where}: {field} is {theirs!r} but the run's model.{key}.{field} is {mine!r}; use a "
+                f"checkpoint of the configured model or set model.{key} to match it"
+            )
+
+
+def _read_part(
+    ckpt_dir: str | os.PathLike, cfg: ModelConfig, hf_prefix: str, ours: tuple[str, ...], what: str
+) -> dict[str, torch.Tensor]:
+    """Map a standalone checkpoint's tensors (names without ``hf_prefix``) with the InternVL-Chat rules and
+    check them against the run's model config: exactly the tensors under ``ours``, with their shapes."""
+    root = Path(ckpt_dir)
+    table = internvl_chat.rename_table(cfg.text.arch)
+    sd: dict[str, torch.Tensor] = {}
+    unmapped: list[str] = []
+    for name, tensor in files.read_safetensors(root).items():
+        full = name if name.startswith(hf_prefix) else hf_prefix + name  # InternVL-Chat prefix optional
+        mapped = internvl_chat.tensor_to_ours(full, tensor, cfg, table)
+        if mapped is None or not all(k.startswith(ours) for k in mapped):
+            unmapped.append(name)
+        else:
+            sd.update(mapped)
+    internvl_chat.tie_lm_head(sd, cfg)
+
+    def shown(name: str) -> str:
+        hf = table.to_hf(name)
+        return hf.removeprefix(hf_prefix) if hf else name
+
+    expected = {k: v for k, v in expected_shapes(cfg).items() if k.startswith(ours)}
+    where = f"{root} ({what})"
+    _check_against(sd, expected, where, shown, unmapped, "the run's model config")
+    return sd
+
+
+def read_vision_checkpoint(ckpt_dir: str | os.PathLike, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A standalone InternViT HF checkpoint (InternViT-6B / 300M: ``embeddings.*``, ``encoder.layers.{i}.*``,
+    or the same under InternVL-Chat's ``vision_model.``) -> our ``vision.*`` tensors for ``model_cfg``.
+
+    config.json must describe the run's ViT (sizes, norm, biases); one-line errors name the key or tensor.
+    """
+    root = Path(ckpt_dir)
+    where = str(root / files.CONFIG_FILE)
+    config = files.read_config(root)
+    config = config.get("vision_config", config)  # an InternVL-Chat config.json carries it nested
+    ckpt = internvl_chat.vision_config_to_ours(config, where)
+    _check_part_config(ckpt, model_cfg.vision, _VISION_FIELDS, where, "vision")
+    return _read_part(root, model_cfg, "vision_model.", ("vision.",), "InternViT checkpoint")
+
+
+def read_llm_checkpoint(ckpt_dir: str | os.PathLike, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A standalone LLM HF checkpoint -> our ``llm.*`` and ``lm_head.*`` tensors for ``model_cfg``.
+
+    InternLM2 (``model.tok_embeddings``, ``model.layers.{i}.attention.wqkv``, ..., ``output.weight``) or
+    Llama / Qwen2 (``model.embed_tokens``, ..., ``lm_head.weight``); the architecture in config.json must be
+    the run's ``model.text.arch``, and its sizes the run's.
+    """
+    root = Path(ckpt_dir)
+    where = str(root / files.CONFIG_FILE)
+    config = files.read_config(root)
+    config = config.get("llm_config", config)
+    ckpt = text_config_to_ours(config, text_arch(config, where), where)
+    _check_part_config(ckpt, model_cfg.text, _TEXT_FIELDS, where, "text")
+    return _read_part(root, model_cfg, "language_model.", ("llm.", "lm_head."), "LLM checkpoint")

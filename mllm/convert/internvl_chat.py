@@ -68,7 +68,7 @@ def rename_table(arch: str) -> RenameTable:
 
 
 # -- config ------------------------------------------------------------------------------------------------
-def _vision_to_ours(v: dict[str, Any], where: str) -> VisionConfig:
+def vision_config_to_ours(v: dict[str, Any], where: str) -> VisionConfig:
     if v.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(f"{where}.hidden_act {v['hidden_act']!r} unsupported (exact GELU only)")
     return VisionConfig(
@@ -95,7 +95,7 @@ def config_to_ours(hf: dict[str, Any], tokenizer_image_token_id: int | None, whe
             raise CheckpointError(
                 f"{where}: missing {key!r} (an InternVLChatConfig needs vision_config and llm_config)"
             )
-    vision = _vision_to_ours(hf["vision_config"], f"{where} vision_config")
+    vision = vision_config_to_ours(hf["vision_config"], f"{where} vision_config")
     force = hf.get("force_image_size")
     if force and int(force) != vision.image_size:
         raise CheckpointError(
@@ -198,34 +198,53 @@ def fuse_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: TextConfig) 
     return grouped.reshape((t.num_heads + 2 * kv) * d, *rest)
 
 
+def tensor_to_ours(
+    name: str, tensor: torch.Tensor, cfg: ModelConfig, table: RenameTable
+) -> dict[str, torch.Tensor] | None:
+    """One HF tensor -> our tensor(s) (fused qkv / wqkv split into q, k, v); None when no rule maps it.
+
+    Shared by whole-checkpoint import and the part readers (``mllm.convert.core.read_vision_checkpoint`` /
+    ``read_llm_checkpoint``, which first put a standalone checkpoint's names under ``vision_model.`` /
+    ``language_model.``).
+    """
+    parts = name.split(".")
+    if name.startswith("vision_model.encoder.layers.") and parts[-2] == "qkv":
+        prefix = f"vision.layers.{parts[3]}.attn."
+        _check_shape(name, tensor, (3 * cfg.vision.hidden_size, *tensor.shape[1:]))
+        chunks = tensor.chunk(3, dim=0)
+        return {
+            f"{prefix}{p}.{parts[-1]}": c.contiguous() for p, c in zip(("q_proj", "k_proj", "v_proj"), chunks)
+        }
+    if (
+        cfg.text.arch == "internlm2"
+        and name.startswith("language_model.model.layers.")
+        and parts[-2] == "wqkv"
+    ):
+        prefix = f"llm.layers.{parts[3]}.self_attn."
+        chunks = split_wqkv(tensor, cfg.text, name)
+        return {f"{prefix}{p}.{parts[-1]}": c for p, c in zip(("q_proj", "k_proj", "v_proj"), chunks)}
+    target = table.to_ours(name)
+    return None if target is None else {target: tensor}
+
+
+def tie_lm_head(ours: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """Tied embeddings: transformers stores the embedding only; our model names both."""
+    if cfg.text.tie_word_embeddings and "lm_head.weight" not in ours and "llm.embed_tokens.weight" in ours:
+        ours["lm_head.weight"] = ours["llm.embed_tokens.weight"]
+
+
 def state_dict_to_ours(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict, list[str]]:
     """HF tensors -> (our tensors, HF names no rule maps). Shapes are checked by the caller."""
-    table, width = rename_table(cfg.text.arch), cfg.vision.hidden_size
+    table = rename_table(cfg.text.arch)
     ours: dict[str, torch.Tensor] = {}
     unmapped: list[str] = []
     for name, tensor in hf_sd.items():
-        parts = name.split(".")
-        if name.startswith("vision_model.encoder.layers.") and parts[-2] == "qkv":
-            prefix = f"vision.layers.{parts[3]}.attn."
-            _check_shape(name, tensor, (3 * width, *tensor.shape[1:]))
-            for proj, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
-                ours[f"{prefix}{proj}.{parts[-1]}"] = chunk.contiguous()
-        elif (
-            cfg.text.arch == "internlm2"
-            and name.startswith("language_model.model.layers.")
-            and parts[-2] == "wqkv"
-        ):
-            prefix = f"llm.layers.{parts[3]}.self_attn."
-            for proj, chunk in zip(("q_proj", "k_proj", "v_proj"), split_wqkv(tensor, cfg.text, name)):
-                ours[f"{prefix}{proj}.{parts[-1]}"] = chunk
+        mapped = tensor_to_ours(name, tensor, cfg, table)
+        if mapped is None:
+            unmapped.append(name)
         else:
-            target = table.to_ours(name)
-            if target is None:
-                unmapped.append(name)
-            else:
-                ours[target] = tensor
-    if cfg.text.tie_word_embeddings and "lm_head.weight" not in ours and "llm.embed_tokens.weight" in ours:
-        ours["lm_head.weight"] = ours["llm.embed_tokens.weight"]
+            ours.update(mapped)
+    tie_lm_head(ours, cfg)
     return ours, unmapped
 
 

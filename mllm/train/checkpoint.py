@@ -10,7 +10,9 @@ Layout of a checkpoint root (``RUN_DIR/checkpoints``)::
 
 Atomicity: every rank writes into the ``.tmp_`` directory, all ranks meet at a barrier, then rank 0 writes
 ``meta.json`` and renames the directory (an atomic ``rename`` on POSIX filesystems). A crash at any point before
-the rename leaves only a ``.tmp_`` directory, which ``latest()`` ignores and the next save removes.
+the rename leaves only a ``.tmp_`` directory, which ``latest()`` ignores and the next save removes. Deletion
+(retention, a re-save of the same step) renames a checkpoint to ``.tmp_discard_*`` before removing it, so a
+crash never leaves a partly deleted directory under a ``step_`` name.
 """
 
 from __future__ import annotations
@@ -92,6 +94,35 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# -- a test hook for a real kill during a save -------------------------------------------------------------------
+PAUSE_BEFORE_COMMIT_ENV = "MLLM_CKPT_PAUSE_BEFORE_COMMIT"
+PAUSE_MARKER_PREFIX = "paused_before_commit_"
+
+
+def pause_before_commit_from_env(
+    marker_dir: Path, rank: int, max_pause_s: float = 300.0
+) -> Callable[[int], None] | None:
+    """``MLLM_CKPT_PAUSE_BEFORE_COMMIT=STEP``: rank 0 stops before committing step STEP's checkpoint (every
+    rank's shards are written, nothing is renamed) so that a test can ``kill -9`` a rank deterministically
+    inside a save. It pauses once per run: it writes ``marker_dir/paused_before_commit_STEP`` first, and a
+    restarted run that finds the marker saves normally. None when the variable is unset."""
+    value = os.environ.get(PAUSE_BEFORE_COMMIT_ENV)
+    if not value or rank != 0:
+        return None
+    pause_step = int(value)
+    marker = marker_dir / f"{PAUSE_MARKER_PREFIX}{pause_step:08d}"
+
+    def pause(step: int) -> None:
+        if step != pause_step or marker.exists():
+            return
+        marker.write_text(f"{os.getpid()}\n")
+        deadline = time.monotonic() + max_pause_s
+        while time.monotonic() < deadline:  # killed here by the test; continues if nobody does
+            time.sleep(0.1)
+
+    return pause
+
+
 # -- the manager ----------------------------------------------------------------------------------------------
 class CheckpointManager:
     """Saves/loads checkpoints under ``root``; every rank of ``group`` calls ``save``/``load`` together."""
@@ -149,7 +180,7 @@ class CheckpointManager:
         if self.rank == 0:
             _write_json_durably(tmp / META_FILE, meta)
             if final.exists():  # a re-save of the same step (e.g. after a resume): replace it
-                shutil.rmtree(final)
+                self._discard(final)
             os.rename(tmp, final)
             _fsync_dir(self.root)
             self._apply_retention()
@@ -159,7 +190,16 @@ class CheckpointManager:
         if self.keep_last <= 0:
             return
         for old in list_checkpoints(self.root)[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            self._discard(old)
+
+    def _discard(self, path: Path) -> None:
+        """Delete a complete checkpoint without ever leaving it half-deleted under its ``step_`` name (a kill
+        inside ``rmtree`` could leave meta.json and .metadata but not every shard: resume=auto would pick a
+        broken checkpoint). The rename is atomic; a leftover ``.tmp_`` directory is cleaned by the next save."""
+        trash = self.root / f"{TMP_PREFIX}discard_{path.name}"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def _remove_stale_tmp(self) -> None:
         for stale in self.root.glob(TMP_PREFIX + "*"):

@@ -78,10 +78,36 @@ def build_param_groups(
     return [groups[key] for key in sorted(groups)]
 
 
+def _torch_groups(groups: list[dict]) -> list[dict]:
+    return [{k: v for k, v in g.items() if k != "names"} for g in groups]
+
+
 def build_adamw(groups: list[dict], cfg: OptimConfig, fused: bool | None = None) -> torch.optim.AdamW:
-    """Plain AdamW over the groups (used when ``parallel`` does not provide a sharded optimizer)."""
-    torch_groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
-    return torch.optim.AdamW(torch_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+    """Plain AdamW over the groups (every data-parallel rank holds the whole optimizer state)."""
+    return torch.optim.AdamW(
+        _torch_groups(groups), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused
+    )
+
+
+def build_sharded_adamw(groups: list[dict], cfg: OptimConfig, dp_group) -> torch.optim.Optimizer:
+    """ZeRO-1: AdamW with its state partitioned over ``dp_group`` (``parallel.shard_optimizer``).
+
+    ``ZeroRedundancyOptimizer`` assigns each parameter to one dp rank (greedily by size, group by group, so
+    every tp rank of a replica makes the same assignment: their shards have equal sizes); the owner updates
+    it and broadcasts it to the other replicas. Its ``param_groups`` are the global groups, so
+    ``LRSchedule.apply`` works unchanged (they are copied into the local optimizer at each step). The update
+    of each parameter is the plain AdamW update, so losses match the unsharded optimizer.
+    """
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return ZeroRedundancyOptimizer(
+        _torch_groups(groups),
+        optimizer_class=torch.optim.AdamW,
+        process_group=dp_group,
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+    )
 
 
 class LRSchedule:

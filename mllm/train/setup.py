@@ -41,8 +41,32 @@ def init_distributed(device: torch.device, timeout_s: int = 600) -> None:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    kwargs: dict = {"device_id": device} if device.type == "cuda" else {}
+    store = elastic_attempt_store(timeout)
+    if store is not None:
+        kwargs.update(store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    dist.init_process_group(backend, timeout=timeout, **kwargs)
+
+
+def elastic_attempt_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """The torchrun agent's store with keys private to this restart attempt (None outside torchrun's shared
+    store).
+
+    torchrun (torch >= 2.5, c10d rendezvous) shares its TCPStore with the workers and, unlike before, does not
+    prefix the workers' keys per restart. After ``--max-restarts`` relaunches the workers, the previous
+    attempt's keys are still there: a rank reading gloo's peer address (NCCL's unique id) before the new rank
+    0 overwrote it connects to the dead process ("Connection refused" / a hang in init_process_group), a race
+    that shows up under load (pytorch/pytorch#135712). Prefixing by the restart count restores the old
+    isolation; every agent counts a failure that broke its workers, so the count agrees across nodes.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"mllm/attempt_{attempt}/", client)
 
 
 def seed_everything(seed: int) -> None:
@@ -57,34 +81,24 @@ def rank_seed(base: int, dp_rank: int, pp_rank: int) -> int:
 
 
 def load_initial_state(run: RunConfig) -> dict[str, torch.Tensor] | None:
-    """Full tensors (single-device names) from ``model.init_from`` and/or separate ViT / LLM checkpoints.
+    """Full tensors (single-device names) from ``model.init_from`` and/or separate ViT / LLM checkpoints
+    (``train.init_vision_from`` / ``train.init_llm_from``, which replace those parts of ``model.init_from``).
 
     With only part checkpoints (the usual start of stage 1), the remaining weights (the projector) get the
     seeded, layout-independent initialization of ``parallel``. None: initialize everything that way.
     """
-    parts = [
-        (p, name)
-        for p, name in ((run.train.init_vision_from, "vision"), (run.train.init_llm_from, "llm"))
-        if p
-    ]
-    if not run.model.init_from and not parts:
+    if not (run.model.init_from or run.train.init_vision_from or run.train.init_llm_from):
         return None
     from mllm.convert import core
+    from parallel.build import init_full_tensor
 
     sd: dict[str, torch.Tensor] = {}
     if run.model.init_from:
         sd, _ = core.read_checkpoint(run.model.init_from)
-    for path, part in parts:
-        reader = getattr(core, f"read_{part}_checkpoint", None)
-        if reader is None:
-            raise NotImplementedError(
-                f"train.init_{part}_from={path}: reading a separate {part} checkpoint needs "
-                f"mllm.convert.core.read_{part}_checkpoint(path, model_cfg), which does not exist yet; convert "
-                "a full InternVL checkpoint and use model.init_from"
-            )
-        sd.update(reader(path, run.model))
-    from parallel.build import init_full_tensor
-
+    if run.train.init_vision_from:
+        sd.update(core.read_vision_checkpoint(run.train.init_vision_from, run.model))
+    if run.train.init_llm_from:
+        sd.update(core.read_llm_checkpoint(run.train.init_llm_from, run.model))
     for name, shape in core.expected_shapes(run.model).items():
         if name not in sd:
             sd[name] = init_full_tensor(name, torch.Size(shape), run.model, run.train.seed)

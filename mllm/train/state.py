@@ -48,6 +48,23 @@ def _owned(pm, opt) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in pm.trainable_parameters() if p in inner.state]
 
 
+def check_owners_agree_over_tp(pm, opt, mesh) -> None:
+    """With a sharded optimizer, the tp ranks of a replica must own the states of the same parameters:
+    saving gathers each state over tp, a collective every tp rank must join for the same names."""
+    if inner_optimizer(opt) is opt or mesh.tp == 1:
+        return
+    import torch.distributed as dist
+
+    owned = [n for n, _ in _owned(pm, opt)]
+    everyone: list = [None] * mesh.tp
+    dist.all_gather_object(everyone, owned, group=mesh.tp_group)
+    if any(o != owned for o in everyone):
+        raise RuntimeError(
+            "parallel.shard_optimizer: tensor-parallel ranks partitioned the optimizer state differently "
+            "(unequal shard sizes); set parallel.shard_optimizer=false"
+        )
+
+
 @torch.no_grad()
 def model_tensors(pm) -> dict[str, torch.Tensor]:
     """``model/<name>`` -> full fp32 tensor for this pipeline rank's parameters (collective over tp)."""

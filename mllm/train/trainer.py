@@ -22,6 +22,7 @@ from mllm.train.checkpoint import (
     CheckpointManager,
     latest_checkpoint,
     list_checkpoints,
+    pause_before_commit_from_env,
     read_meta,
     resolve_resume,
     rng_state,
@@ -30,7 +31,7 @@ from mllm.train.checkpoint import (
 from mllm.train.config import RunConfig
 from mllm.train.flops import TrainedParts, peak_tflops_for, step_flops
 from mllm.train.metrics import MetricsLogger, peak_memory_gib
-from mllm.train.optim import LRSchedule, build_adamw, build_param_groups
+from mllm.train.optim import LRSchedule, build_adamw, build_param_groups, build_sharded_adamw
 from mllm.train.setup import compute_dtype, load_initial_state, rank_seed, resolve_device, seed_everything
 from parallel.mesh import ParallelMesh, build_mesh
 from parallel.model import ParallelModel, parallelize
@@ -62,8 +63,12 @@ class Trainer:
         )
         self.pm.train()
         groups = build_param_groups(self.pm.named_parameters(), run.optim, run.model.vision.num_layers)
-        self.optimizer = build_adamw(groups, run.optim)
+        if run.parallel.shard_optimizer and self.mesh.dp > 1:
+            self.optimizer = build_sharded_adamw(groups, run.optim, self.mesh.dp_group)
+        else:
+            self.optimizer = build_adamw(groups, run.optim)
         ckpt_state.init_optimizer_state(self.optimizer)
+        ckpt_state.check_owners_agree_over_tp(self.pm, self.optimizer, self.mesh)
         self.schedule = LRSchedule(run.optim, run.train.steps)
         self.batches = make_batches(run, self.mesh)
         self.grad_accum = run.train.global_batch_size // (run.data.micro_batch_size * self.mesh.dp)
@@ -72,6 +77,7 @@ class Trainer:
             run.checkpoint.keep_last,
             async_save=run.checkpoint.async_save,
         )
+        self.ckpt.before_commit = pause_before_commit_from_env(self.run_dir, self.rank)
         self.step = 0  # optimizer steps done
         self.skipped = 0
         self.consecutive_nonfinite = 0

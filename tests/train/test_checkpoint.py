@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -43,3 +45,32 @@ def test_resume_values(tmp_path):
     assert resolve_resume("auto", tmp_path) is None  # fresh run
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         resolve_resume(str(tmp_path / "step_00000007"), tmp_path)
+
+
+def test_crash_while_deleting_never_leaves_a_broken_checkpoint_chosen(tmp_path, monkeypatch):
+    """A kill inside retention's rmtree (here: one shard deleted, then the 'kill') must not leave a
+    ``step_`` directory with meta.json and .metadata but missing shards: resume would pick it and fail."""
+    import shutil
+
+    import mllm.train.checkpoint as ckpt
+
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    mgr.save(1, _tensors(1.0), {}, {})
+    real_rmtree = shutil.rmtree
+
+    def killed_rmtree(path, ignore_errors=False):
+        shards = sorted(Path(path).glob("*.distcp"))
+        if shards:
+            shards[0].unlink()  # partly deleted ...
+            raise KeyboardInterrupt("killed while deleting")  # ... then the process dies
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        mgr.save(2, _tensors(2.0), {}, {})  # retention deletes step 1
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    for path in list_checkpoints(tmp_path):  # every checkpoint still listed loads completely
+        loaded = {k: torch.zeros_like(v) for k, v in _tensors(0.0).items()}
+        CheckpointManager(tmp_path).load(path, loaded)
+        assert torch.equal(loaded["model/w"], torch.full((3, 2), float(path.name[-1])))
+    assert latest_checkpoint(tmp_path).name == "step_00000002"

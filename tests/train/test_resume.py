@@ -1,10 +1,15 @@
-"""Exact resume: 2N straight == N + resume + N bit for bit (fp32, CPU) at tp2 and tp2 x pp2, resume into
-another layout, non-finite step handling. Several runs share one set of spawned ranks to keep this fast."""
+"""Exact resume: 2N straight == N + resume + N bit for bit (fp32, CPU) at tp2 and tp2 x pp2 (and dp2 with a
+ZeRO-1 sharded optimizer), resume into another layout, non-finite step handling.
+
+All 2-rank scenarios run in one set of spawned ranks, the 4-rank ones in another (module fixtures); each
+scenario's error is reported by its own test.
+"""
 
 from __future__ import annotations
 
 import functools
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -52,11 +57,61 @@ def straight_vs_resumed(rank: int, world: int, root: str, layout: list[str]) -> 
     _run([f"train.run_dir={root_p / 'resumed'}", f"train.steps={2 * N}", "checkpoint.resume=auto", *layout])
 
 
-@pytest.mark.parametrize(
-    "world, layout", [(2, ["parallel.tp=2"]), (4, ["parallel.tp=2", "parallel.pp=2"])], ids=["tp2", "tp2xpp2"]
-)
-def test_resume_is_bit_identical(tmp_path, world, layout):
-    run_on_ranks(straight_vs_resumed, world, str(tmp_path), layout)
+def _scenarios(rank: int, world: int, root: str, scenarios: list[tuple[str, str, tuple]]) -> dict:
+    """Run the named scenario functions in order on these ranks; result or traceback per scenario."""
+    out = {}
+    for name, fn_name, args in scenarios:
+        try:
+            out[name] = ("ok", globals()[fn_name](rank, world, str(Path(root) / name), *args))
+        except Exception:  # noqa: BLE001 - reported by the scenario's test
+            out[name] = ("error", traceback.format_exc())
+    return out
+
+
+WORLD2 = [
+    ("tp2", "straight_vs_resumed", (["parallel.tp=2"],)),
+    ("layout_change", "tp2_then_dp2", ()),
+    ("nonfinite", "nonfinite", ()),
+    ("zero_dp2", "sharded_optimizer_runs", ()),
+]
+WORLD4 = [
+    ("tp2xpp2", "straight_vs_resumed", (["parallel.tp=2", "parallel.pp=2"],)),
+    ("zero_tp2xdp2", "straight_run", (["parallel.tp=2", "parallel.shard_optimizer=true"],)),
+]
+
+
+def _group(tmp_path_factory, world: int, scenarios: list) -> tuple[Path, list[dict]]:
+    root = tmp_path_factory.mktemp(f"world{world}")
+    return root, run_on_ranks(_scenarios, world, str(root), scenarios)
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory):
+    return _group(tmp_path_factory, 2, WORLD2)
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory):
+    return _group(tmp_path_factory, 4, WORLD4)
+
+
+def _scenario(group: tuple[Path, list[dict]], name: str) -> tuple[Path, list]:
+    """(the scenario's directory, its result per rank); fails with the first rank's traceback."""
+    root, per_rank = group
+    for rank, results in enumerate(per_rank):
+        status, value = results[name]
+        if status != "ok":
+            pytest.fail(f"scenario {name} failed on rank {rank}:\n{value}")
+    return root / name, [results[name][1] for results in per_rank]
+
+
+def straight_run(rank: int, world: int, root: str, layout: list[str]) -> None:
+    _run([f"train.run_dir={Path(root) / 'straight'}", f"train.steps={2 * N}", *layout])
+
+
+@pytest.mark.parametrize("group, name", [("world2", "tp2"), ("world4", "tp2xpp2")])
+def test_resume_is_bit_identical(request, group, name):
+    tmp_path, _ = _scenario(request.getfixturevalue(group), name)
     straight, resumed = _metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed")
     assert [r["step"] for r in straight] == list(range(1, 2 * N + 1))
     assert [r["step"] for r in resumed] == list(range(1, 2 * N + 1))
@@ -93,8 +148,8 @@ def tp2_then_dp2(rank: int, world: int, root: str) -> None:
     )
 
 
-def test_resume_into_another_layout(tmp_path):
-    run_on_ranks(tp2_then_dp2, 2, str(tmp_path))
+def test_resume_into_another_layout(world2):
+    tmp_path, _ = _scenario(world2, "layout_change")
     reference = _metrics(tmp_path / "tp2")[N]  # step N+1 of an uninterrupted tp2 run
     continued = _metrics(tmp_path / "dp2")
     assert [r["step"] for r in continued] == [N + 1]
@@ -116,10 +171,72 @@ def nonfinite(rank: int, world: int, root: str) -> str:
     return "no error"
 
 
-def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
-    messages = run_on_ranks(nonfinite, 2, str(tmp_path))
+def test_nonfinite_steps_are_skipped_then_stop(world2):
+    tmp_path, messages = _scenario(world2, "nonfinite")
     skip = _metrics(tmp_path / "skip")
     assert skip[1]["loss"] != skip[1]["loss"] or skip[1]["loss"] == "nan"  # the poisoned step is reported
     assert skip[1]["skipped_steps"] == 1 and skip[2]["skipped_steps"] == 1
     assert skip[2]["loss"] == pytest.approx(float(skip[2]["loss"]))  # finite again after the skip
     assert "step 2" in messages[0] and "2 consecutive steps" in messages[0] and "row8/a" in messages[0]
+
+
+def _owned_states(overrides: list[str]) -> tuple[int, int]:
+    """(parameters whose AdamW state this rank holds, trainable parameters) of a fresh trainer."""
+    from fixtures import RowSource
+
+    from mllm.config import load_run_config
+    from mllm.train import state
+    from mllm.train.trainer import Trainer
+
+    trainer = Trainer(load_run_config("tiny_sft", ["data.path=unused", *overrides]), RowSource)
+    return len(state._owned(trainer.pm, trainer.optimizer)), len(list(trainer.pm.trainable_parameters()))
+
+
+def sharded_optimizer_runs(rank: int, world: int, root: str) -> tuple[int, int]:
+    root_p = Path(root)
+    zero = ["parallel.tp=1", "parallel.shard_optimizer=true"]  # dp2, ZeRO-1
+    _run([f"train.run_dir={root_p / 'straight'}", f"train.steps={2 * N}", *zero])
+    _run([f"train.run_dir={root_p / 'resumed'}", f"train.steps={2 * N}", f"train.stop_after={N}", *zero])
+    _run([f"train.run_dir={root_p / 'resumed'}", f"train.steps={2 * N}", "checkpoint.resume=auto", *zero])
+    _run([f"train.run_dir={root_p / 'plain'}", f"train.steps={2 * N}", "parallel.tp=1"])
+    # The sharded checkpoint of step N continued by the unsharded optimizer (same checkpoint format).
+    _run(
+        [
+            f"train.run_dir={root_p / 'unsharded_from_zero'}",
+            f"train.steps={2 * N}",
+            "parallel.tp=1",
+            f"checkpoint.dir={root_p / 'resumed' / 'checkpoints'}",
+            f"checkpoint.resume={root_p / 'resumed' / 'checkpoints' / f'step_{N:08d}'}",
+            "checkpoint.save_final=false",
+        ]
+    )
+    return _owned_states(zero)
+
+
+def test_sharded_optimizer_resume_is_exact_and_matches_unsharded(world2):
+    tmp_path, owned = _scenario(world2, "zero_dp2")
+    (own0, total), (own1, total1) = owned
+    assert total == total1 and own0 + own1 == total and 0 < own0 < total  # each rank holds a part
+    straight, resumed, plain = (_metrics(tmp_path / d) for d in ("straight", "resumed", "plain"))
+    assert [r["step"] for r in resumed] == list(range(1, 2 * N + 1))
+    for a, b in zip(straight, resumed, strict=True):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], a["step"]  # bit-identical
+    for a, b in zip(straight, plain, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), a["step"]  # ZeRO-1 == plain AdamW
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), a["step"]
+    continued = _metrics(tmp_path / "unsharded_from_zero")
+    assert [r["step"] for r in continued] == list(range(N + 1, 2 * N + 1))
+    for a, b in zip(straight[N:], continued, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), a["step"]
+    assert straight[-1]["loss"] < straight[0]["loss"]
+
+
+def test_sharded_optimizer_at_tp2xdp2_matches_tp2xpp2(world4):
+    """ZeRO-1 under tensor parallelism (states gathered over tp when saving) trains like another layout."""
+    zero, _ = _scenario(world4, "zero_tp2xdp2")
+    reference, _ = _scenario(world4, "tp2xpp2")
+    sharded, plain = _metrics(zero / "straight"), _metrics(reference / "straight")
+    assert [r["step"] for r in sharded] == list(range(1, 2 * N + 1))
+    for a, b in zip(sharded, plain, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), a["step"]
+    assert (zero / "straight" / "checkpoints" / f"step_{2 * N:08d}" / "meta.json").is_file()
