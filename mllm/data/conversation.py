@@ -47,11 +47,13 @@ def parse_turns(conversations: Any) -> tuple[list[tuple[str, str]], str | None]:
             raise Rejected("bad_annotation", f"turn {i} is not {{'from': ..., 'value': str}}")
         role = turn.get("from")
         if role == "system" and i == 0:
-            system = turn["value"]
+            system = turn["value"].strip()
             continue
         if role not in ROLE_ALIASES:
             raise Rejected("bad_roles", f"turn {i} has role {role!r}")
-        turns.append((ROLE_ALIASES[role], turn["value"]))
+        # InternVL strips every turn before rendering (preprocess_internlm / _internvl2_5), so stray
+        # whitespace around a question or answer is neither seen nor supervised.
+        turns.append((ROLE_ALIASES[role], turn["value"].strip()))
     if not turns:
         raise Rejected("empty_conversation", "only a system message")
     for i, (role, _) in enumerate(turns):

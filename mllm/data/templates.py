@@ -22,9 +22,11 @@ class Template:
     ) -> list[tuple[str, bool]]:
         """Render (role, text) turns to (text, supervised) pieces; concatenated they are the prompt.
 
-        MPT style: system + sep, then role + message + sep per turn. The assistant's answer and its separator
-        (the end token) are the supervised pieces.
+        MPT style: system + sep, then role + message + sep per turn. The assistant's answer and its end token
+        are supervised; a newline after the end token (internvl2_5's "<|im_end|>\n") is not, as in InternVL.
         """
+        end_token = self.sep.rstrip("\n")
+        after_end = self.sep[len(end_token) :]
         system = self.system_template.format(
             system_message=self.system_message if system_message is None else system_message
         )
@@ -34,7 +36,9 @@ class Template:
                 out.append((self.user_role + text + self.sep, False))
             else:
                 out.append((self.assistant_role, False))
-                out.append((text + self.sep, True))
+                out.append((text + end_token, True))
+                if after_end:
+                    out.append((after_end, False))
         return out
 
 

@@ -48,9 +48,10 @@ def test_labels_only_on_answers_and_end_token(tok, template):
     sample = ct(
         conv("<image>\nWhat colour is the circle?", "The circle is red.", "Where?", "图中的圆在左边。"), [3]
     )
-    sep = get_template(template).sep
+    # The end token is supervised; internvl2_5's newline after it is not (InternVL ignores it too).
+    end = get_template(template).sep.rstrip("\n")
     supervised = tok.decode(sample.input_ids[sample.targets].tolist())
-    assert supervised == "The circle is red." + sep + "图中的圆在左边。" + sep
+    assert supervised == "The circle is red." + end + "图中的圆在左边。" + end
     assert sample.input_ids[0] == tok.bos_token_id
     # shifted: the label at t is the next token when that token is supervised
     labels = shifted_labels(sample.input_ids.astype(np.int64), sample.targets)
@@ -120,3 +121,11 @@ def test_system_turn_overrides_default(tok):
     ct = ConversationTokenizer(tok, get_template("internlm2-chat"), num_image_token=4)
     sample = ct([{"from": "system", "value": "Be brief."}] + conv("q", "a"), [])
     assert tok.decode(sample.input_ids.tolist()).startswith("<s><|im_start|>system\nBe brief.<|im_end|>")
+
+
+def test_turns_are_stripped_like_internvl(tok):
+    ct = ConversationTokenizer(tok, get_template("internlm2-chat"), num_image_token=4)
+    padded = ct(conv("  <image>\nWhat colour is the circle? \n", "\nThe circle is red.\n  "), [1])
+    clean = ct(conv("<image>\nWhat colour is the circle?", "The circle is red."), [1])
+    assert np.array_equal(padded.input_ids, clean.input_ids)
+    assert np.array_equal(padded.targets, clean.targets)
