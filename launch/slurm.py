@@ -120,7 +120,8 @@ export MASTER_PORT={args.port}
 # Before the time limit: ask the trainer to checkpoint and exit (it polls this file every step).
 trap 'echo "$(date) USR1: requesting checkpoint"; touch "$RUN_DIR/{SAVE_AND_EXIT_FILE}"' USR1
 
-srun --kill-on-bad-exit=1 --ntasks-per-node=1 \\
+# Slurm 22.05+ srun does not inherit the job's --cpus-per-task: pass it on, or all ranks share one CPU.
+srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" \\
   --output="$RUN_DIR/logs/%x-%j-node%n.log" \\
   {args.python} -m torch.distributed.run \\
     --nnodes="$SLURM_NNODES" --nproc-per-node={args.gpus_per_node} \\

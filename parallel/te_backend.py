@@ -33,7 +33,7 @@ from torch import nn
 from mllm.kernels.deps import require
 from mllm.kernels.fp8 import FP8Config
 from mllm.kernels.varlen import varlen_inputs
-from mllm.model.attention import AttentionMask
+from mllm.model.attention import AttentionMask, to_compute_dtype
 from parallel.layers import TPInfo, register_layer_backend
 
 _FEATURE = "parallel.layer_backend=te"
@@ -147,6 +147,7 @@ class TECoreAttention(nn.Module):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float
     ) -> torch.Tensor:
+        q, k, v = to_compute_dtype(q, k, v)
         b, s, heads, head_dim = q.shape
         kv_heads = k.shape[2]
         if mask.segment_ids is None:

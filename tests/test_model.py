@@ -143,3 +143,25 @@ def test_invalid_config_is_a_one_line_error() -> None:
     cfg.text.num_kv_heads = 3
     with pytest.raises(ValueError, match="num_heads 4 must be a multiple of num_kv_heads 3"):
         build_model(cfg)
+
+
+def test_attention_kernels_get_one_dtype_under_autocast() -> None:
+    """fp32 weights + bf16 autocast: q/k leave the norms/RoPE in fp32 and v in bf16; kernels get one dtype."""
+    from mllm.model.attention import register_attention_backend, sdpa_attention
+
+    seen: list[tuple[torch.dtype, ...]] = []
+
+    def recording(q, k, v, mask, scale):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa_attention(q, k, v, mask, scale)
+
+    register_attention_backend("recording", recording)
+    model = _model(attention_backend="recording")
+    gen = torch.Generator().manual_seed(3)
+    ids, pix = _sample(6, 1, gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids[None], pix)
+    assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen)
+    seen.clear()
+    model(ids[None], pix)  # without autocast nothing is cast
+    assert all(dtypes == (torch.float32,) * 3 for dtypes in seen)

@@ -102,6 +102,22 @@ def _try_register_optional(name: str) -> None:
                 raise
 
 
+def to_compute_dtype(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Give q, k, v one dtype: the autocast dtype when autocast is on.
+
+    Under bf16 autocast with fp32 master weights, norms and RoPE return fp32 while projections return bf16, so
+    q/k arrive in fp32 and v in bf16. SDPA casts by itself, but flash-attn, FlexAttention's backward and TE's
+    DotProductAttention need a single low-precision dtype.
+    """
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return q.to(dtype), k.to(dtype), v.to(dtype)
+    return q, k, v
+
+
 class CoreAttention(nn.Module):
     """Parameter-free attention kernel; swap the backend (or the whole module, e.g. for TE) from outside."""
 
@@ -113,7 +129,7 @@ class CoreAttention(nn.Module):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float
     ) -> torch.Tensor:
-        return self.fn(q, k, v, mask, scale)
+        return self.fn(*to_compute_dtype(q, k, v), mask, scale)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend}"

@@ -123,6 +123,7 @@ def internvl_chat_v1_5() -> ModelConfig:
     """InternVL-Chat-V1-5: InternViT-6B-448px-V1-5 + InternLM2-20B-chat (25.5B)."""
     return ModelConfig(
         text=TextConfig(rope_scaling={"type": "dynamic", "factor": 2.0}),
+        attention_backend="auto",  # flash-attn / FlexAttention on GPUs, SDPA on CPU
     )
 
 
@@ -148,6 +149,7 @@ def mini_internvl_chat_2b_v1_5() -> ModelConfig:
             rope_theta=1_000_000.0,
             rope_scaling={"type": "dynamic", "factor": 2.0},
         ),
+        attention_backend="auto",
     )
 
 

@@ -39,7 +39,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B, S] -> (cos, sin) each [B, S, head_dim]."""
-        seq_len = int(position_ids.max()) + 1 if position_ids.numel() else 1
+        seq_len = 0
+        if self.scaling_type == "dynamic" and position_ids.numel():
+            # Only dynamic NTK depends on the context length; reading it syncs with the device.
+            seq_len = int(position_ids.max()) + 1
         inv_freq = self.inv_freq(seq_len, position_ids.device)
         pos = position_ids.float()
         if self.scaling_type == "linear":

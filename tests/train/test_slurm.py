@@ -107,6 +107,7 @@ def _run_script(capsys, tmp_path, srun_body: str, send_usr1: bool):
         "SLURM_JOB_NODELIST": "node[001-002]",
         "SLURM_NNODES": "2",
         "SLURM_JOB_ID": "42",
+        "SLURM_CPUS_PER_TASK": "96",
     }
     proc = subprocess.Popen(
         ["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
