@@ -1,7 +1,8 @@
 """The loader the trainer iterates: packed, FLOP-balanced, resumable micro-batches for one dp rank.
 
     loader = PackedLoader(cfg, dp_rank, dp_size)
-    loader.load_state_dict(saved)        # optional: resume exactly
+    loader.load_state_dict(saved)        # optional: resume exactly (same dp size)
+    loader.load_state_dicts(all_saved)   # or: every old dp rank's state; also works after a dp size change
     for batch in loader: ...             # PackedBatch, infinite
     state = loader.state_dict()          # after the last batch taken; JSON-able
 
@@ -9,6 +10,7 @@ State is captured at micro-batch boundaries: the sample-order state at (or befor
 packer buffer, the packer buffer itself (positions and sizes), the next position and the bad-sample counts.
 Resuming replays the sample order from that snapshot (integers only), re-runs the cheap stage 1 for the buffered
 positions, and continues: the resumed run yields exactly the micro-batches of an uninterrupted one.
+With another dp size, `load_state_dicts` continues the stream from all old ranks' states (see elastic.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch.utils.data
@@ -24,6 +27,7 @@ from mllm.data.badsamples import BadSampleCounter
 from mllm.data.batch import PackedBatch, SampleTensors, build_batch
 from mllm.data.config import DataConfig
 from mllm.data.conversation import Rejected
+from mllm.data.elastic import STATE_VERSION, elastic_state, states_by_dp_rank
 from mllm.data.packing import FlopModel, Packer, row_level
 from mllm.data.pipeline import (
     SampleProcessor,
@@ -38,7 +42,6 @@ from mllm.data.sources import open_sources
 
 log = logging.getLogger("mllm.data")
 
-STATE_VERSION = 1
 SNAPSHOT_EVERY = 64  # positions between sample-order snapshots (bounds the replay on resume)
 # Config fields that must match for a saved state to be meaningful.
 FINGERPRINT_FIELDS = (
@@ -71,6 +74,7 @@ class PackedLoader:
         self._executor: ThreadPoolExecutor | None = None
         self._stream = None
         self.bad_samples = BadSampleCounter(cfg.max_bad_fraction, cfg.min_samples_for_bad_check)
+        self.elastic_summary = None  # set by load_state_dicts after a dp size change
 
     # ---- public API -------------------------------------------------------------------------------------
     def __iter__(self) -> PackedLoader:
@@ -109,12 +113,36 @@ class PackedLoader:
                 if state["fingerprint"].get(k) != v
             }
             raise ValueError(
-                f"loader state does not match this run (saved, now): {diff}; resume with the same data config and dp size"
+                f"loader state does not match this run (saved, now): {diff}; resume with the same data config "
+                "(after a dp size change pass every dp rank's state to load_state_dicts)"
             )
         self.close()
         self._resume = _copy(state)
         self._last_state = None
         self.bad_samples = self._merged_bad(state)
+
+    def load_state_dicts(self, states: Sequence[dict]) -> None:
+        """Resume from the states saved by every dp rank of a checkpoint (any order; copies from tp/pp peers
+        are fine). Same dp size: exactly this rank's state. Another dp size: the data stream continues where the
+        old ranks were, together, and logs how many buffered samples are read again (see elastic.py)."""
+        old = states_by_dp_rank(states, self._fingerprint())
+        if len(old) == self.world:
+            self.load_state_dict(old[self.rank])
+            return
+        state, summary = elastic_state(
+            self.cfg, self.sources, old, self._fingerprint(), self._new_packer().state_dict()
+        )
+        if self.rank == 0:
+            log.info(
+                "data stream resumed with dp %d -> %d: %d samples re-read (they were in packer buffers), "
+                "%d untrained samples of the interrupted epochs go first",
+                summary.old_dp,
+                summary.new_dp,
+                summary.reread,
+                summary.remaining,
+            )
+        self.elastic_summary = summary
+        self.load_state_dict(state)
 
     def metrics(self) -> dict[str, float]:
         return self.bad_samples.metrics()
@@ -279,12 +307,21 @@ class PackedLoader:
 
 
 def build_loader(
-    cfg: DataConfig, dp_rank: int = 0, dp_size: int = 1, state: dict | None = None
+    cfg: DataConfig,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    state: dict | None = None,
+    all_states: Sequence[dict] | None = None,
 ) -> PackedLoader:
-    """A loader for one dp rank; `state` (from `state_dict()`) resumes it exactly."""
+    """A loader for one dp rank; `state` (from `state_dict()`) resumes it exactly; `all_states` (every old dp
+    rank's state) resumes it with the same or another dp size."""
     loader = PackedLoader(cfg, dp_rank, dp_size)
+    if state is not None and all_states is not None:
+        raise ValueError("build_loader: pass state or all_states, not both")
     if state is not None:
         loader.load_state_dict(state)
+    if all_states is not None:
+        loader.load_state_dicts(all_states)
     return loader
 
 

@@ -3,13 +3,16 @@
 Everything here works on small integer references `(dataset, epoch, seq)`, so the order is cheap to compute,
 identical in every loader worker, and its state (cursors + buffer references) fits a checkpoint. Randomness is
 counter-based (a hash of seed, rank and a counter), so there is no RNG object to save.
+
+After a resume with another dp size (elastic.py) a dataset's interrupted epochs continue as one "remainder" epoch:
+a `RemainderPlan` listing this rank's share of the not-yet-trained samples as pieces of the old ranks' plans.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from functools import lru_cache
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -53,6 +56,91 @@ class EpochPlan:
         return self.units[pos], g - self.starts[pos]
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Items of the base plan EpochPlan(epoch, rank, world): the explicit seqs, then the seqs in [start, end)."""
+
+    epoch: int
+    world: int
+    rank: int
+    seqs: tuple[int, ...] = ()
+    start: int = 0
+    end: int = 0
+
+    def __len__(self) -> int:
+        return len(self.seqs) + self.end - self.start
+
+    def seq(self, i: int) -> int:
+        n = len(self.seqs)
+        return self.seqs[i] if i < n else self.start + i - n
+
+    def slice(self, a: int, b: int) -> Piece:
+        """Items [a, b) of this piece, as a piece of the same base plan."""
+        n = len(self.seqs)
+        lo, hi = self.start + max(a - n, 0), self.start + max(b - n, 0)
+        return Piece(self.epoch, self.world, self.rank, self.seqs[a:b], lo, hi)
+
+    def same_base(self, other: Piece) -> bool:
+        return (self.epoch, self.world, self.rank) == (other.epoch, other.world, other.rank)
+
+    def to_json(self) -> list:
+        return [self.epoch, self.world, self.rank, list(self.seqs), self.start, self.end]
+
+    @classmethod
+    def from_json(cls, x: list) -> Piece:
+        return cls(int(x[0]), int(x[1]), int(x[2]), tuple(int(s) for s in x[3]), int(x[4]), int(x[5]))
+
+
+def slice_pieces(pieces: Sequence[Piece], a: int, b: int) -> list[Piece]:
+    """Items [a, b) of the concatenation of pieces."""
+    out, offset = [], 0
+    for p in pieces:
+        n = len(p)
+        if offset + n > a and offset < b:
+            out.append(p.slice(max(a - offset, 0), min(b - offset, n)))
+        offset += n
+    return compact(out)
+
+
+def compact(pieces: Sequence[Piece]) -> list[Piece]:
+    """Drop empty pieces and join neighbours of one base plan (explicit items then a range, or two ranges)."""
+    out: list[Piece] = []
+    for p in pieces:
+        if len(p) == 0:
+            continue
+        last = out[-1] if out else None
+        if last is not None and last.same_base(p) and last.start == last.end:
+            out[-1] = Piece(p.epoch, p.world, p.rank, last.seqs + p.seqs, p.start, p.end)
+        elif last is not None and last.same_base(p) and not p.seqs and last.end == p.start:
+            out[-1] = Piece(p.epoch, p.world, p.rank, last.seqs, last.start, p.end)
+        else:
+            out.append(p)
+    return out
+
+
+class RemainderPlan:
+    """A rank's share of a dataset's interrupted epochs after a dp change: pieces of the old ranks' plans."""
+
+    def __init__(self, counts: Sequence[int], seed: int, dataset: int, pieces: Sequence[Piece]) -> None:
+        self.counts, self.seed, self.dataset = counts, seed, dataset
+        self.pieces = list(pieces)
+        self.starts = np.cumsum([0] + [len(p) for p in self.pieces]).tolist()
+        self.length = self.starts[-1]
+        self._bases: dict[tuple[int, int, int], EpochPlan] = {}
+
+    def origin(self, seq: int) -> tuple[int, int, int]:
+        """(original epoch, unit, index in unit) of the seq-th item."""
+        i = bisect.bisect_right(self.starts, seq) - 1
+        p = self.pieces[i]
+        key = (p.epoch, p.rank, p.world)
+        if key not in self._bases:
+            self._bases[key] = EpochPlan(self.counts, self.seed, self.dataset, *key)
+        return (p.epoch, *self._bases[key].locate(p.seq(seq - self.starts[i])))
+
+    def locate(self, seq: int) -> tuple[int, int]:
+        return self.origin(seq)[1:]
+
+
 class SampleOrder:
     """Infinite stream of references for one dp rank; `next()` returns (position, ref)."""
 
@@ -68,10 +156,23 @@ class SampleOrder:
         self.pulls = 0  # references pulled from the mixed stream
         self.cursors = [(0, 0) for _ in sources]  # next (epoch, seq) per dataset
         self.buffer: list[Ref] = []
+        # Per dataset, after an elastic resume: (epoch label, pieces) of the interrupted epochs, else None.
+        self.remainder: list[tuple[int, list[Piece]] | None] = [None for _ in sources]
+        self._plans: dict[tuple[int, int], EpochPlan | RemainderPlan] = {}
 
-    @lru_cache(maxsize=64)  # noqa: B019 - few live epochs; the cache dies with the order object
-    def plan(self, dataset: int, epoch: int) -> EpochPlan:
-        return EpochPlan(self.counts[dataset], self.seed, dataset, epoch, self.rank, self.world)
+    def plan(self, dataset: int, epoch: int) -> EpochPlan | RemainderPlan:
+        key = (dataset, epoch)
+        if key not in self._plans:
+            if len(self._plans) >= 64:  # few live epochs
+                self._plans.clear()
+            rem = self.remainder[dataset]
+            if rem is not None and rem[0] == epoch:
+                self._plans[key] = RemainderPlan(self.counts[dataset], self.seed, dataset, rem[1])
+            else:
+                self._plans[key] = EpochPlan(
+                    self.counts[dataset], self.seed, dataset, epoch, self.rank, self.world
+                )
+        return self._plans[key]
 
     def _pull(self) -> Ref:
         u = hash_uniform(self.seed, self.rank, self.pulls, 1)
@@ -93,17 +194,29 @@ class SampleOrder:
         return k, ref
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "k": self.k,
             "pulls": self.pulls,
             "cursors": [list(c) for c in self.cursors],
             "buffer": [list(r) for r in self.buffer],
         }
+        if any(r is not None for r in self.remainder):
+            state["remainder"] = [
+                None if r is None else {"epoch": r[0], "pieces": [p.to_json() for p in r[1]]}
+                for r in self.remainder
+            ]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.k, self.pulls = int(state["k"]), int(state["pulls"])
         self.cursors = [tuple(c) for c in state["cursors"]]
         self.buffer = [tuple(r) for r in state["buffer"]]
+        remainder = state.get("remainder") or [None] * len(self.counts)
+        self.remainder = [
+            None if r is None else (int(r["epoch"]), [Piece.from_json(p) for p in r["pieces"]])
+            for r in remainder
+        ]
+        self._plans.clear()
 
 
 class Fetcher:
