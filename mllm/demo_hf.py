@@ -1,25 +1,22 @@
 """``make demo`` steps after training: trainer checkpoint -> our model -> transformers, and one question.
 
-``load_checkpoint_model`` is the minimal path from the trainer's DCP checkpoint (any tp/pp/dp layout; tensors are
-stored unsharded under single-device names ``model/<name>``, see ``mllm.train.state``) to our single-device
-model, read in one process without a process group. ``mllm.hf.save`` then writes the transformers format.
+``load_checkpoint_model`` reads the trainer's DCP checkpoint (any tp/pp/dp layout, ``mllm.train.export``) into
+our single-device model in one process without a process group; ``mllm.hf.save`` then writes the transformers
+format (``python -m mllm.convert export-hf STEP_DIR OUT --format transformers`` does both in one go).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 import mllm.hf
-from mllm.convert.core import expected_shapes
-from mllm.convert.errors import CheckpointError, name_a_few
+from mllm.convert.core import write_hf
 from mllm.data.batch import normalize_pixels
 from mllm.data.config import DataConfig
 from mllm.data.conversation import ConversationTokenizer
@@ -28,46 +25,17 @@ from mllm.data.templates import get_template
 from mllm.data.tiling import decode_tiles, per_image_max_tiles
 from mllm.model.config import ModelConfig
 from mllm.model.internvl import InternVLModel
+from mllm.train.export import read_trainer_checkpoint
 
-MODEL_PREFIX = "model/"
 
-
-def load_checkpoint_model(ckpt_dir: str | os.PathLike, cfg: ModelConfig) -> InternVLModel:
+def load_checkpoint_model(ckpt_dir: str | os.PathLike, cfg: ModelConfig | None = None) -> InternVLModel:
     """Our model (eval mode, fp32) with the weights of the trainer checkpoint ``ckpt_dir`` (a ``step_*`` dir).
 
-    ``cfg`` is the model config the run was trained with (the recipe's ``model``); a checkpoint of another
-    model is refused with one line naming the tensors that do not fit.
+    ``cfg``: the model config the run was trained with (the recipe's ``model``; default: the checkpoint's
+    ``model_config.json``); a checkpoint of another model is refused with one line naming the tensors that do
+    not fit. The same reader serves ``python -m mllm.convert export-hf`` (``mllm.train.export``).
     """
-    path = Path(ckpt_dir)
-    if not (path / ".metadata").is_file():
-        raise CheckpointError(
-            f"{path}: not a trainer checkpoint (no .metadata); pass RUN_DIR/checkpoints/step_XXXXXXXX"
-        )
-    reader = dcp.FileSystemReader(str(path))
-    stored = {
-        k[len(MODEL_PREFIX) :]: tuple(v.size)
-        for k, v in reader.read_metadata().state_dict_metadata.items()
-        if k.startswith(MODEL_PREFIX)
-    }
-    shapes = expected_shapes(cfg)
-    if cfg.text.tie_word_embeddings:  # one tensor, saved under the embedding's name
-        shapes.pop("lm_head.weight", None)
-    missing = [k for k in shapes if k not in stored]
-    wrong = [
-        f"{k} {stored[k]} != {shape}" for k, shape in shapes.items() if k in stored and stored[k] != shape
-    ]
-    if missing or wrong:
-        problem = f"missing {name_a_few(missing)}" if missing else f"shapes differ: {name_a_few(wrong, 3)}"
-        raise CheckpointError(
-            f"{path}: does not hold the recipe's model ({problem}); export with the run's recipe"
-        )
-    tensors = {MODEL_PREFIX + k: torch.empty(shape, dtype=torch.float32) for k, shape in shapes.items()}
-    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process is the intent
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(tensors, storage_reader=reader, no_dist=True)
-    sd = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items()}
-    if cfg.text.tie_word_embeddings:
-        sd["lm_head.weight"] = sd["llm.embed_tokens.weight"]
+    sd, cfg = read_trainer_checkpoint(ckpt_dir, cfg)
     return mllm.hf.model_from_state_dict(sd, cfg).eval()
 
 
@@ -75,8 +43,8 @@ def export_checkpoint_to_hf(
     ckpt_dir: str | os.PathLike, cfg: ModelConfig, out_dir: str | os.PathLike, tokenizer_dir: str | None
 ) -> Path:
     """Trainer checkpoint -> transformers ``InternVLForConditionalGeneration`` directory (+ tokenizer files)."""
-    model = load_checkpoint_model(ckpt_dir, cfg)
-    return mllm.hf.save(model, out_dir, format="transformers", tokenizer_dir=tokenizer_dir)
+    sd, cfg = read_trainer_checkpoint(ckpt_dir, cfg)
+    return write_hf(sd, cfg, out_dir, "transformers", tokenizer_dir=tokenizer_dir)
 
 
 # -- one question about a synthetic image ---------------------------------------------------------------------

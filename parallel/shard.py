@@ -32,6 +32,13 @@ class ShardSpec:
         n = self.local_size(tp.size)
         return torch.arange(tp.rank * n, (tp.rank + 1) * n) < self.full
 
+    def real_extent(self, tp_rank: int, tp_size: int) -> tuple[int, int]:
+        """(offset in the full tensor, number of real entries) of rank ``tp_rank``'s shard along ``dim``: the
+        shard's first ``length`` entries are real, the rest is padding (``length`` may be 0)."""
+        n = self.local_size(tp_size)
+        start = tp_rank * n
+        return start, max(0, min(n, self.full - start))
+
 
 def pad_to(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple

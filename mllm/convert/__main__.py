@@ -1,4 +1,5 @@
-"""``python -m mllm.convert {import-hf,export-hf} ...``: convert between HF directories and native checkpoints."""
+"""``python -m mllm.convert {import-hf,export-hf} ...``: convert between HF directories and native checkpoints;
+``export-hf`` also reads a trainer checkpoint (``RUN_DIR/checkpoints/step_XXXXXXXX``, any parallel layout)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     imp.add_argument("hf_dir")
     imp.add_argument("out_dir")
-    exp = sub.add_parser("export-hf", help="native (or HF) checkpoint -> HF directory")
+    exp = sub.add_parser(
+        "export-hf",
+        help="native, HF or trainer checkpoint (RUN_DIR/checkpoints/step_XXXXXXXX) -> HF directory",
+    )
     exp.add_argument("ckpt_dir")
     exp.add_argument("out_dir")
     exp.add_argument("--format", required=True, choices=sorted(HF_FORMATS))

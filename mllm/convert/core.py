@@ -1,8 +1,9 @@
 """Read and write whole checkpoints in any supported format; the key/config mapping lives per format.
 
-Formats: ``native`` (``mllm.checkpoint_io``), ``internvl_chat`` (remote-code layout) and ``transformers``
-(``InternVLForConditionalGeneration``). Everything passes through our state dict + ModelConfig, so a new format
-(e.g. the trainer's sharded DCP checkpoint) only needs a reader/writer of that pair.
+Formats: ``native`` (``mllm.checkpoint_io``), ``internvl_chat`` (remote-code layout), ``transformers``
+(``InternVLForConditionalGeneration``) and, read-only, ``trainer`` (a ``step_*`` directory of the trainer: DCP
+shards of any tp/pp/dp layout + ``model_config.json``, see ``mllm.train.export``). Everything passes through our
+state dict + ModelConfig, so a new format only needs a reader/writer of that pair.
 """
 
 from __future__ import annotations
@@ -32,8 +33,13 @@ IMAGE_TOKEN = "<IMG_CONTEXT>"
 
 
 def detect_format(ckpt_dir: str | os.PathLike) -> str:
-    """'native', 'internvl_chat' or 'transformers' from the directory's config.json."""
+    """'trainer' for a trainer checkpoint (DCP ``.metadata``), else 'native', 'internvl_chat' or
+    'transformers' from the directory's config.json."""
+    from mllm.train.export import is_trainer_checkpoint
+
     root = Path(ckpt_dir)
+    if is_trainer_checkpoint(root):
+        return "trainer"
     config = files.read_config(root)
     if config.get("mllm_format") == checkpoint_io.FORMAT_NAME:
         return "native"
@@ -118,8 +124,12 @@ def read_hf(hf_dir: str | os.PathLike, fmt: str | None = None) -> tuple[dict[str
 
 
 def read_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    """(state dict, ModelConfig) from a native or HF directory."""
+    """(state dict, ModelConfig) from a native, HF or trainer checkpoint directory."""
     fmt = detect_format(ckpt_dir)
+    if fmt == "trainer":
+        from mllm.train.export import read_trainer_checkpoint
+
+        return read_trainer_checkpoint(ckpt_dir)
     if fmt == "native":
         sd, cfg = checkpoint_io.load_native(ckpt_dir)
         check_state_dict(sd, cfg, str(ckpt_dir))
@@ -178,9 +188,15 @@ def export_hf(
     max_shard_size: str | int = files.DEFAULT_MAX_SHARD_SIZE,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Native (or HF) checkpoint directory -> HF directory of format ``fmt``."""
+    """Native, HF or trainer checkpoint directory -> HF directory of format ``fmt`` (tokenizer files from the
+    checkpoint directory, or for a trainer checkpoint from its run's ``data.tokenizer`` directory)."""
     sd, cfg = read_checkpoint(ckpt_dir)
-    return write_hf(_cast(sd, dtype), cfg, out_dir, fmt, max_shard_size, tokenizer_dir=ckpt_dir)
+    tokenizer_dir: str | os.PathLike | None = ckpt_dir
+    if detect_format(ckpt_dir) == "trainer":
+        from mllm.train.export import tokenizer_dir_of
+
+        tokenizer_dir = tokenizer_dir_of(ckpt_dir)
+    return write_hf(_cast(sd, dtype), cfg, out_dir, fmt, max_shard_size, tokenizer_dir=tokenizer_dir)
 
 
 # -- part checkpoints (a separate InternViT or LLM, e.g. the start of stage-1 training) ----------------------

@@ -28,6 +28,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     from mllm.config import ConfigError, load_run_config, to_yaml, validate_run_config
+    from mllm.train.fast_path import FastPathError, validate_fast_path
     from mllm.train.setup import world_size_from_env
 
     try:
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             print_dry_run(run, world)
             return 0
         validate_run_config(run, world_size_from_env())
-    except ConfigError as exc:
+        validate_fast_path(run)
+    except (ConfigError, FastPathError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from mllm.train.run import run_training

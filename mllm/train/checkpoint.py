@@ -3,8 +3,11 @@
 Layout of a checkpoint root (``RUN_DIR/checkpoints``)::
 
     step_00000050/          a complete checkpoint (only complete ones carry this name)
-      .metadata, *.distcp   DCP: model + optimizer tensors, resharded on load into any tp/pp/dp layout
+      .metadata, *.distcp   DCP: model + optimizer tensors, each rank's shards placed in the single-device
+                            tensors (``mllm.train.state``), resharded on load into any tp/pp/dp layout
       extra/rank_00003.pt   per-rank Python state: RNG states, data-loader state
+      model_config.json     the ModelConfig (``mllm.checkpoint_io`` native config): export needs only this dir
+      config.yaml           the resolved run config
       meta.json             step, layout, time; written last
     .tmp_step_00000060/     being written (or left by a crash): never chosen by resume=auto
 
@@ -30,6 +33,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+
+from mllm.train.planners import ChunkLoadPlanner, ChunkSavePlanner
+from mllm.train.state import Chunk
 
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp_"
@@ -144,8 +150,18 @@ class CheckpointManager:
         self.before_commit: Callable[[int], None] | None = None
 
     # -- save ---------------------------------------------------------------------------------------------
-    def save(self, step: int, tensors: dict[str, Any], extra: dict[str, Any], meta: dict[str, Any]) -> Path:
-        """Write ``tensors`` (DCP, sharded) and this rank's ``extra`` for ``step``; commit when complete."""
+    def save(
+        self,
+        step: int,
+        tensors: dict[str, Any],
+        extra: dict[str, Any],
+        meta: dict[str, Any],
+        chunks: dict[str, Chunk] | None = None,
+        files: dict[str, str] | None = None,
+    ) -> Path:
+        """Write ``tensors`` (DCP; ``chunks`` places local shards in their full tensors, see
+        ``mllm.train.planners``), this rank's ``extra`` and rank 0's text ``files`` (name -> content) for
+        ``step``; commit when complete."""
         self.finalize()  # at most one save in flight
         final = self.root / step_dir_name(step)
         tmp = self.root / (TMP_PREFIX + final.name)
@@ -153,14 +169,19 @@ class CheckpointManager:
             self._remove_stale_tmp()
             tmp.mkdir(parents=True, exist_ok=True)
             (tmp / "extra").mkdir(exist_ok=True)
+            for name, text in (files or {}).items():
+                _write_text_durably(tmp / name, text)
         self._barrier()
         torch.save(extra, tmp / "extra" / f"rank_{self.rank:05d}.pt")
         meta = {**meta, "step": step, "time": time.time()}
+        planner = ChunkSavePlanner(chunks or {})
         if self.async_save:
-            future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self.group)
+            future = dcp.async_save(
+                tensors, checkpoint_id=str(tmp), process_group=self.group, planner=planner
+            )
             self._pending = (future, tmp, final, meta)
         else:
-            dcp.save(tensors, checkpoint_id=str(tmp), process_group=self.group)
+            dcp.save(tensors, checkpoint_id=str(tmp), process_group=self.group, planner=planner)
             self._commit(tmp, final, meta)
         return final
 
@@ -206,11 +227,16 @@ class CheckpointManager:
             shutil.rmtree(stale, ignore_errors=True)
 
     # -- load ---------------------------------------------------------------------------------------------
-    def load(self, path: Path, tensors: dict[str, Any]) -> tuple[dict[str, Any] | None, dict]:
-        """Load into ``tensors`` in place (resharding to their layout); returns (this rank's extra or None
-        when the checkpoint has no file for this rank, meta)."""
+    def load(
+        self, path: Path, tensors: dict[str, Any], chunks: dict[str, Chunk] | None = None
+    ) -> tuple[dict[str, Any] | None, dict]:
+        """Load into ``tensors`` in place (the regions ``chunks`` names; whole tensors otherwise), resharding
+        from whatever layout saved them; returns (this rank's extra or None when the checkpoint has no file for
+        this rank, meta)."""
         meta = read_meta(path)
-        dcp.load(tensors, checkpoint_id=str(path), process_group=self.group)
+        dcp.load(
+            tensors, checkpoint_id=str(path), process_group=self.group, planner=ChunkLoadPlanner(chunks or {})
+        )
         extra_file = path / "extra" / f"rank_{self.rank:05d}.pt"
         extra = torch.load(extra_file, weights_only=False) if extra_file.is_file() else None
         return extra, meta
@@ -221,8 +247,12 @@ class CheckpointManager:
 
 
 def _write_json_durably(path: Path, obj: dict) -> None:
+    _write_text_durably(path, json.dumps(obj, indent=1, default=str))
+
+
+def _write_text_durably(path: Path, text: str) -> None:
     with open(path, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
 

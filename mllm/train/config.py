@@ -1,6 +1,6 @@
 """Typed configuration of a training run (no Hydra here: ``mllm.config`` registers these with ConfigStore).
 
-A run is ``RunConfig(model, parallel, data, optim, train, checkpoint, logging)``. The override keys that
+A run is ``RunConfig(model, parallel, data, optim, train, checkpoint, logging, fp8)``. The override keys that
 external scripts rely on are kept stable: ``train.steps``, ``train.run_dir``, ``train.seed``, ``data.path``,
 ``parallel.tp``, ``parallel.pp``, ``checkpoint.every``, ``checkpoint.resume``, ``model.init_from``.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mllm.data.config import DataConfig
+from mllm.kernels.fp8 import FP8Config
 from mllm.model.config import ModelConfig
 from parallel.config import ParallelConfig
 
@@ -37,6 +38,8 @@ class OptimConfig:
     warmup_ratio: float = 0.03
     warmup_steps: int | None = None  # overrides warmup_ratio when set
     grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping (the norm is still reported)
+    # AdamW kernels (mllm.kernels.optim): auto (fused on CUDA, foreach otherwise) | fused | foreach | for_loop
+    implementation: str = "auto"
 
 
 @dataclass
@@ -55,6 +58,7 @@ class TrainConfig:
     init_llm_from: str | None = None  # separate LLM HF checkpoint (stage-1 start)
     max_consecutive_nonfinite: int = 3  # stop after this many skipped (NaN/inf) steps in a row
     dry_run: bool = False  # print layout, memory and FLOPs on the meta device, then exit
+    compile: bool = False  # torch.compile every ViT block and decoder layer (mllm.kernels.compile)
 
 
 @dataclass
@@ -84,3 +88,4 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)  # FP8 training (mllm.kernels.fp8 / TE recipes)

@@ -11,6 +11,7 @@ from fnmatch import fnmatch
 import torch
 from torch import nn
 
+from mllm.kernels.optim import adamw_implementation_kwargs
 from mllm.train.config import OptimConfig
 
 # Wrappers (activation checkpointing, torch.compile, DDP) insert these into parameter names.
@@ -82,10 +83,19 @@ def _torch_groups(groups: list[dict]) -> list[dict]:
     return [{k: v for k, v in g.items() if k != "names"} for g in groups]
 
 
-def build_adamw(groups: list[dict], cfg: OptimConfig, fused: bool | None = None) -> torch.optim.AdamW:
+def _implementation(groups: list[dict], cfg: OptimConfig) -> dict[str, bool]:
+    """``optim.implementation`` (auto | fused | foreach | for_loop) as AdamW keyword arguments."""
+    return adamw_implementation_kwargs([p for g in groups for p in g["params"]], cfg.implementation)
+
+
+def build_adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.AdamW:
     """Plain AdamW over the groups (every data-parallel rank holds the whole optimizer state)."""
     return torch.optim.AdamW(
-        _torch_groups(groups), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused
+        _torch_groups(groups),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        **_implementation(groups, cfg),
     )
 
 
@@ -107,6 +117,7 @@ def build_sharded_adamw(groups: list[dict], cfg: OptimConfig, dp_group) -> torch
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
+        **_implementation(groups, cfg),
     )
 
 

@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from mllm.train.batches import BatchSource
 from mllm.train.config import RunConfig
+from mllm.train.fast_path import validate_fast_path
 from mllm.train.setup import init_distributed, resolve_device
 from mllm.train.trainer import Trainer
 from parallel.mesh import ParallelMesh
@@ -24,6 +25,7 @@ def default_batches(run: RunConfig, mesh: ParallelMesh) -> BatchSource:
 
 def run_training(run: RunConfig, make_batches: MakeBatches | None = None) -> dict:
     """Initialize torch.distributed (if needed), train, and tear down; returns the last step's summary."""
+    validate_fast_path(run)  # before any process group: a GPU-only setting on CPU fails with one line
     device = resolve_device(run)
     owns_group = not dist.is_initialized()
     init_distributed(device)

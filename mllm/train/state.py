@@ -1,22 +1,51 @@
-"""What goes into a checkpoint, in layout-independent form, and how it comes back into any layout.
+"""What goes into a checkpoint, as this rank's shards placed in the single-device tensors, and back.
 
-Tensors are saved *unsharded* under single-device names (``model/<param>``, ``optim/<param>/<state>``), so
-``torch.distributed.checkpoint`` reshards on load: a checkpoint written at tp2 x pp2 loads at dp2, and a
-torch-backend checkpoint loads into the TE backend (same names). Every tp rank of a stage offers the same full
-tensor; DCP's planner writes each key once. Pipeline ranks offer disjoint keys (their own stages), and with a
-sharded (ZeRO-1) optimizer each data-parallel rank offers the states of the parameters it owns.
+Every entry is keyed by a single-device name (``model/<param>``, ``optim/<param>/<state>``) and holds only what
+this rank owns, without copies (detached views of the parameters and AdamW states):
 
-Limitation: a full tensor of each local parameter is materialized on its rank while saving (one stage's worth,
-on CPU when the device memory is short); saving DTensor shards would avoid it.
+- a tensor-parallel parameter (and its ``exp_avg`` / ``exp_avg_sq``) contributes its local shard minus the
+  padding (dummy ViT heads, vocabulary padding), placed at its offset in the unpadded full tensor (``Chunk``);
+  a shard that is all padding contributes nothing;
+- a replicated parameter is offered whole by every tp rank (DCP's planner writes it once).
+
+``mllm.train.checkpoint``'s planners hand the chunks to ``torch.distributed.checkpoint`` (DCP), which writes
+every element once and, on load, reads each rank's chunk from whichever saved chunks overlap it: a checkpoint
+written at tp2 x pp2 loads at dp2 or pp4, into the TE backend (same local shards), or in one process into full
+tensors (export). Pipeline ranks offer disjoint names (their stages' parameters); with a sharded (ZeRO-1)
+optimizer each data-parallel rank offers the states of the parameters it owns. Nothing full-size is
+materialized on any rank.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
-from parallel.shard import gather_full_tensor, shard_full_tensor
+from parallel.shard import ShardSpec
 
 ADAM_TENSOR_STATES = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Where a saved local tensor sits in the full (single-device, unpadded) tensor."""
+
+    offsets: tuple[int, ...]
+    global_size: tuple[int, ...]
+
+
+@dataclass
+class ShardedState:
+    """``tensors``: name -> this rank's real part (a view into the live tensor); ``chunks``: name -> its
+    placement, for tensor-parallel entries only (the others are whole tensors at offset 0)."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    chunks: dict[str, Chunk] = field(default_factory=dict)
+    # name -> (local tensor, spec) of every tensor-parallel entry, to zero its padding after a load.
+    padded: dict[str, tuple[torch.Tensor, ShardSpec]] = field(default_factory=dict)
+    # name -> AdamW step tensor (0-dim); saved as a [1] copy, restored by ``restore``.
+    steps: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def inner_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -48,57 +77,48 @@ def _owned(pm, opt) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in pm.trainable_parameters() if p in inner.state]
 
 
-def check_owners_agree_over_tp(pm, opt, mesh) -> None:
-    """With a sharded optimizer, the tp ranks of a replica must own the states of the same parameters:
-    saving gathers each state over tp, a collective every tp rank must join for the same names."""
-    if inner_optimizer(opt) is opt or mesh.tp == 1:
+def _add(out: ShardedState, key: str, local: torch.Tensor, spec: ShardSpec | None, pm) -> None:
+    """Offer ``local`` (this rank's shard of a tensor described by ``spec``) under ``key``."""
+    local = local.detach()
+    if spec is None:
+        out.tensors[key] = local
         return
-    import torch.distributed as dist
-
-    owned = [n for n, _ in _owned(pm, opt)]
-    everyone: list = [None] * mesh.tp
-    dist.all_gather_object(everyone, owned, group=mesh.tp_group)
-    if any(o != owned for o in everyone):
-        raise RuntimeError(
-            "parallel.shard_optimizer: tensor-parallel ranks partitioned the optimizer state differently "
-            "(unequal shard sizes); set parallel.shard_optimizer=false"
-        )
-
-
-@torch.no_grad()
-def model_tensors(pm) -> dict[str, torch.Tensor]:
-    """``model/<name>`` -> full fp32 tensor for this pipeline rank's parameters (collective over tp)."""
-    return {f"model/{n}": t.float() for n, t in pm.full_state_dict().items()}
+    out.padded[key] = (local, spec)
+    start, length = spec.real_extent(pm.tp.rank, pm.tp.size)
+    if length == 0:  # only dummy heads / vocabulary padding: nothing of the full tensor lives here
+        return
+    out.tensors[key] = local.narrow(spec.dim, 0, length)
+    offsets = [0] * local.ndim
+    offsets[spec.dim] = start
+    size = list(local.shape)
+    size[spec.dim] = spec.full
+    out.chunks[key] = Chunk(tuple(offsets), tuple(size))
 
 
 @torch.no_grad()
-def optimizer_tensors(pm, opt) -> dict[str, torch.Tensor]:
-    """``optim/<name>/<state>`` -> full tensors for the states this rank owns (collective over tp)."""
+def checkpoint_state(pm, opt) -> ShardedState:
+    """This rank's model shards and owned AdamW states, as views (no communication, no copies but the steps)."""
+    out = ShardedState()
+    for name, p in pm.named_parameters():
+        _add(out, f"model/{name}", p, pm.specs.get(name), pm)
     inner = inner_optimizer(opt)
-    out: dict[str, torch.Tensor] = {}
     for name, p in _owned(pm, opt):
         state = inner.state[p]
-        spec = pm.specs.get(name)
         for key in ADAM_TENSOR_STATES:
-            out[f"optim/{name}/{key}"] = gather_full_tensor(state[key], spec, pm.tp).float()
-        out[f"optim/{name}/step"] = state["step"].detach().float().reshape(1).clone()
+            _add(out, f"optim/{name}/{key}", state[key], pm.specs.get(name), pm)
+        step_key = f"optim/{name}/step"
+        out.steps[step_key] = state["step"]
+        out.tensors[step_key] = state["step"].detach().float().reshape(1).clone()
     return out
 
 
-def checkpoint_tensors(pm, opt) -> dict[str, torch.Tensor]:
-    return {**model_tensors(pm), **optimizer_tensors(pm, opt)}
-
-
 @torch.no_grad()
-def restore_tensors(pm, opt, loaded: dict[str, torch.Tensor]) -> None:
-    """Copy loaded full tensors back into this rank's shards of the model and optimizer state."""
-    model_sd = {k[len("model/") :]: v for k, v in loaded.items() if k.startswith("model/")}
-    pm.load_full_state_dict(model_sd)
-    inner = inner_optimizer(opt)
-    for name, p in _owned(pm, opt):
-        state = inner.state[p]
-        spec = pm.specs.get(name)
-        for key in ADAM_TENSOR_STATES:
-            local = shard_full_tensor(loaded[f"optim/{name}/{key}"], spec, pm.tp)
-            state[key].copy_(local.to(state[key].device, state[key].dtype))
-        state["step"].copy_(loaded[f"optim/{name}/step"].reshape(()))
+def restore(state: ShardedState) -> None:
+    """After a load into ``state.tensors`` (in place): zero the padding, write the AdamW steps back."""
+    for key, (local, spec) in state.padded.items():
+        n = local.shape[spec.dim]
+        length = state.tensors[key].shape[spec.dim] if key in state.tensors else 0
+        if length < n:
+            local.narrow(spec.dim, length, n - length).zero_()
+    for key, step in state.steps.items():
+        step.copy_(state.tensors[key].reshape(()).to(step.dtype))

@@ -29,6 +29,8 @@ from mllm.train.checkpoint import (
     set_rng_state,
 )
 from mllm.train.config import RunConfig
+from mllm.train.export import checkpoint_config_files
+from mllm.train.fast_path import apply_fast_path, forward_context, fp8_amax_group, validate_fast_path
 from mllm.train.flops import TrainedParts, peak_tflops_for, step_flops
 from mllm.train.metrics import MetricsLogger, peak_memory_gib
 from mllm.train.optim import LRSchedule, build_adamw, build_param_groups, build_sharded_adamw
@@ -62,19 +64,26 @@ class Trainer:
             run.model, run.parallel, self.mesh, self.device, load_initial_state(run), run.train.seed
         )
         self.pm.train()
+        validate_fast_path(run, self.device.type)
+        self.fast_path = apply_fast_path(self.pm, run)  # FP8, then compile; before the optimizer exists
+        te_fp8 = run.fp8.enabled and run.parallel.layer_backend == "te"
+        self.fp8_amax_group = fp8_amax_group(self.mesh) if te_fp8 else None
         groups = build_param_groups(self.pm.named_parameters(), run.optim, run.model.vision.num_layers)
         if run.parallel.shard_optimizer and self.mesh.dp > 1:
             self.optimizer = build_sharded_adamw(groups, run.optim, self.mesh.dp_group)
         else:
             self.optimizer = build_adamw(groups, run.optim)
         ckpt_state.init_optimizer_state(self.optimizer)
-        ckpt_state.check_owners_agree_over_tp(self.pm, self.optimizer, self.mesh)
+        self.config_files = checkpoint_config_files(run)
         self.schedule = LRSchedule(run.optim, run.train.steps)
         self.batches = make_batches(run, self.mesh)
         self.grad_accum = run.train.global_batch_size // (run.data.micro_batch_size * self.mesh.dp)
         self.ckpt = CheckpointManager(
             run.checkpoint.dir or self.run_dir / "checkpoints",
             run.checkpoint.keep_last,
+            # An asynchronous save runs DCP's collectives in a background thread while training runs its
+            # own: they need a process group of their own (gloo: DCP only exchanges plans and metadata).
+            group=dist.new_group(backend="gloo") if run.checkpoint.async_save else None,
             async_save=run.checkpoint.async_save,
         )
         self.ckpt.before_commit = pause_before_commit_from_env(self.run_dir, self.rank)
@@ -103,15 +112,14 @@ class Trainer:
             "counters": {"skipped": self.skipped, "consecutive_nonfinite": self.consecutive_nonfinite},
         }
         meta = {"layout": self.layout(), "backend": self.run.parallel.layer_backend}
-        tensors = ckpt_state.checkpoint_tensors(self.pm, self.optimizer)
-        return self.ckpt.save(self.step, tensors, extra, meta)
+        state = ckpt_state.checkpoint_state(self.pm, self.optimizer)
+        return self.ckpt.save(self.step, state.tensors, extra, meta, state.chunks, self.config_files)
 
     def resume(self, path: Path) -> None:
         """Load weights/optimizer into this layout; RNG and data state too when the data layout matches."""
-        meta = read_meta(path)
-        tensors = ckpt_state.checkpoint_tensors(self.pm, self.optimizer)
-        extra, meta = self.ckpt.load(path, tensors)
-        ckpt_state.restore_tensors(self.pm, self.optimizer, tensors)
+        state = ckpt_state.checkpoint_state(self.pm, self.optimizer)
+        extra, meta = self.ckpt.load(path, state.tensors, state.chunks)
+        ckpt_state.restore(state)
         self.step = int(meta["step"])
         self.schedule.load_state_dict({"step": self.step})
         same_layout = meta["layout"] == self.layout()
@@ -183,7 +191,8 @@ class Trainer:
         micro = self.batches.next_micro_batches(self.grad_accum)
         stats = sum((micro_batch_stats(mb) for mb in micro), MicroBatchStats())
         lr = self.schedule.apply(self.optimizer, self.step)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        with autocast, forward_context(self.run, self.fp8_amax_group):
             result = self.pm.forward_backward([model_inputs(mb) for mb in micro])
         clip = self.run.optim.grad_clip if self.run.optim.grad_clip > 0 else float("inf")
         grad_norm = float(self.pm.clip_grad_norm_(clip))

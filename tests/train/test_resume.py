@@ -1,46 +1,26 @@
 """Exact resume: 2N straight == N + resume + N bit for bit (fp32, CPU) at tp2 and tp2 x pp2 (and dp2 with a
 ZeRO-1 sharded optimizer), resume into another layout, non-finite step handling.
 
-All 2-rank scenarios run in one set of spawned ranks, the 4-rank ones in another (module fixtures); each
-scenario's error is reported by its own test.
+The scenarios run in the session's shared spawned rank groups (``conftest.py``); each scenario's error is
+reported by its own test.
 """
 
 from __future__ import annotations
 
 import functools
-import sys
-import traceback
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))  # the shared rank launcher
-
-from launcher import run_on_ranks  # noqa: E402
-
-N = 3
+from conftest import N
+from scenarios import run_config, scenario_result
 
 
 def _run(overrides: list[str], poison: tuple[int, ...] = ()) -> dict:
     from fixtures import RowSource
 
-    from mllm.config import load_run_config, validate_run_config
     from mllm.train.run import run_training
 
-    base = [
-        "data.path=unused",
-        "data.seq_len=64",
-        "train.global_batch_size=4",
-        "logging.progress=off",
-        "optim.warmup_steps=1",
-        "model.image_token_id=1000",
-        "checkpoint.every=0",
-    ]
-    run = load_run_config("tiny_sft", base + overrides)
-    import torch.distributed as dist
-
-    validate_run_config(run, dist.get_world_size())
-    return run_training(run, functools.partial(RowSource, poison_steps=poison))
+    return run_training(run_config(overrides), functools.partial(RowSource, poison_steps=poison))
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -57,61 +37,13 @@ def straight_vs_resumed(rank: int, world: int, root: str, layout: list[str]) -> 
     _run([f"train.run_dir={root_p / 'resumed'}", f"train.steps={2 * N}", "checkpoint.resume=auto", *layout])
 
 
-def _scenarios(rank: int, world: int, root: str, scenarios: list[tuple[str, str, tuple]]) -> dict:
-    """Run the named scenario functions in order on these ranks; result or traceback per scenario."""
-    out = {}
-    for name, fn_name, args in scenarios:
-        try:
-            out[name] = ("ok", globals()[fn_name](rank, world, str(Path(root) / name), *args))
-        except Exception:  # noqa: BLE001 - reported by the scenario's test
-            out[name] = ("error", traceback.format_exc())
-    return out
-
-
-WORLD2 = [
-    ("tp2", "straight_vs_resumed", (["parallel.tp=2"],)),
-    ("layout_change", "tp2_then_dp2", ()),
-    ("nonfinite", "nonfinite", ()),
-    ("zero_dp2", "sharded_optimizer_runs", ()),
-]
-WORLD4 = [
-    ("tp2xpp2", "straight_vs_resumed", (["parallel.tp=2", "parallel.pp=2"],)),
-    ("zero_tp2xdp2", "straight_run", (["parallel.tp=2", "parallel.shard_optimizer=true"],)),
-]
-
-
-def _group(tmp_path_factory, world: int, scenarios: list) -> tuple[Path, list[dict]]:
-    root = tmp_path_factory.mktemp(f"world{world}")
-    return root, run_on_ranks(_scenarios, world, str(root), scenarios)
-
-
-@pytest.fixture(scope="module")
-def world2(tmp_path_factory):
-    return _group(tmp_path_factory, 2, WORLD2)
-
-
-@pytest.fixture(scope="module")
-def world4(tmp_path_factory):
-    return _group(tmp_path_factory, 4, WORLD4)
-
-
-def _scenario(group: tuple[Path, list[dict]], name: str) -> tuple[Path, list]:
-    """(the scenario's directory, its result per rank); fails with the first rank's traceback."""
-    root, per_rank = group
-    for rank, results in enumerate(per_rank):
-        status, value = results[name]
-        if status != "ok":
-            pytest.fail(f"scenario {name} failed on rank {rank}:\n{value}")
-    return root / name, [results[name][1] for results in per_rank]
-
-
 def straight_run(rank: int, world: int, root: str, layout: list[str]) -> None:
     _run([f"train.run_dir={Path(root) / 'straight'}", f"train.steps={2 * N}", *layout])
 
 
 @pytest.mark.parametrize("group, name", [("world2", "tp2"), ("world4", "tp2xpp2")])
 def test_resume_is_bit_identical(request, group, name):
-    tmp_path, _ = _scenario(request.getfixturevalue(group), name)
+    tmp_path, _ = scenario_result(request.getfixturevalue(group), name)
     straight, resumed = _metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed")
     assert [r["step"] for r in straight] == list(range(1, 2 * N + 1))
     assert [r["step"] for r in resumed] == list(range(1, 2 * N + 1))
@@ -149,7 +81,7 @@ def tp2_then_dp2(rank: int, world: int, root: str) -> None:
 
 
 def test_resume_into_another_layout(world2):
-    tmp_path, _ = _scenario(world2, "layout_change")
+    tmp_path, _ = scenario_result(world2, "layout_change")
     reference = _metrics(tmp_path / "tp2")[N]  # step N+1 of an uninterrupted tp2 run
     continued = _metrics(tmp_path / "dp2")
     assert [r["step"] for r in continued] == [N + 1]
@@ -172,7 +104,7 @@ def nonfinite(rank: int, world: int, root: str) -> str:
 
 
 def test_nonfinite_steps_are_skipped_then_stop(world2):
-    tmp_path, messages = _scenario(world2, "nonfinite")
+    tmp_path, messages = scenario_result(world2, "nonfinite")
     skip = _metrics(tmp_path / "skip")
     assert skip[1]["loss"] != skip[1]["loss"] or skip[1]["loss"] == "nan"  # the poisoned step is reported
     assert skip[1]["skipped_steps"] == 1 and skip[2]["skipped_steps"] == 1
@@ -214,7 +146,7 @@ def sharded_optimizer_runs(rank: int, world: int, root: str) -> tuple[int, int]:
 
 
 def test_sharded_optimizer_resume_is_exact_and_matches_unsharded(world2):
-    tmp_path, owned = _scenario(world2, "zero_dp2")
+    tmp_path, owned = scenario_result(world2, "zero_dp2")
     (own0, total), (own1, total1) = owned
     assert total == total1 and own0 + own1 == total and 0 < own0 < total  # each rank holds a part
     straight, resumed, plain = (_metrics(tmp_path / d) for d in ("straight", "resumed", "plain"))
@@ -232,9 +164,9 @@ def test_sharded_optimizer_resume_is_exact_and_matches_unsharded(world2):
 
 
 def test_sharded_optimizer_at_tp2xdp2_matches_tp2xpp2(world4):
-    """ZeRO-1 under tensor parallelism (states gathered over tp when saving) trains like another layout."""
-    zero, _ = _scenario(world4, "zero_tp2xdp2")
-    reference, _ = _scenario(world4, "tp2xpp2")
+    """ZeRO-1 under tensor parallelism (each rank saves its owned states' tp shards) trains like another layout."""
+    zero, _ = scenario_result(world4, "zero_tp2xdp2")
+    reference, _ = scenario_result(world4, "tp2xpp2")
     sharded, plain = _metrics(zero / "straight"), _metrics(reference / "straight")
     assert [r["step"] for r in sharded] == list(range(1, 2 * N + 1))
     for a, b in zip(sharded, plain, strict=True):

@@ -1,0 +1,50 @@
+"""Session-wide spawned rank groups for the trainer scenarios (see ``scenarios.py``).
+
+Each group runs all its scenarios once, in order, the first time a test asks for it; the scenarios' own tests
+then only inspect what was written and returned.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # spawned workers import the scenario modules by name
+sys.path.insert(0, str(HERE.parent / "parallel"))  # the shared rank launcher
+
+from launcher import run_on_ranks  # noqa: E402
+from scenarios import run_scenarios  # noqa: E402
+
+N = 3  # steps per half of the resume scenarios
+
+WORLD2 = [
+    ("tp2", "test_resume:straight_vs_resumed", (["parallel.tp=2"],)),
+    ("layout_change", "test_resume:tp2_then_dp2", ()),
+    ("nonfinite", "test_resume:nonfinite", ()),
+    ("zero_dp2", "test_resume:sharded_optimizer_runs", ()),
+    ("reshard", "test_sharded_checkpoint:tp2_checkpoint_into_other_layouts", ()),
+    ("export", "test_export:train_tp2_for_export", ()),
+    ("fp8", "test_fast_path:fp8_vs_fp32", ()),
+]
+WORLD4 = [
+    ("tp2xpp2", "test_resume:straight_vs_resumed", (["parallel.tp=2", "parallel.pp=2"],)),
+    ("zero_tp2xdp2", "test_resume:straight_run", (["parallel.tp=2", "parallel.shard_optimizer=true"],)),
+]
+
+
+def _group(tmp_path_factory, world: int, scenarios: list) -> tuple[Path, list[dict]]:
+    root = tmp_path_factory.mktemp(f"world{world}")
+    return root, run_on_ranks(run_scenarios, world, str(root), scenarios, timeout=900.0)
+
+
+@pytest.fixture(scope="session")
+def world2(tmp_path_factory):
+    return _group(tmp_path_factory, 2, WORLD2)
+
+
+@pytest.fixture(scope="session")
+def world4(tmp_path_factory):
+    return _group(tmp_path_factory, 4, WORLD4)
