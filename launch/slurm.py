@@ -153,7 +153,8 @@ def validate_recipe(config_name: str, overrides: list[str], world_size: int) -> 
 
     try:
         cfg = load_run_config(config_name, overrides)
-        validate_run_config(cfg, world_size)
+        # The job runs on GPU nodes: check the fast-path keys for CUDA, not for this (login) node.
+        validate_run_config(cfg, world_size, device_type="cuda")
     except ConfigError as exc:
         sys.exit(f"error: {exc}")
 

@@ -3,8 +3,9 @@
 The only module that imports Hydra. Recipes live in ``recipes/`` (``recipes/model/`` holds the model presets)
 and compose onto the structured schema ``run_schema`` (``mllm.train.config.RunConfig``), so unknown keys and
 wrong types are rejected by OmegaConf at composition time. ``validate_run_config`` then runs every cross-field
-check (layout vs world size, heads vs tp, stage split, global batch vs micro batch x dp, tiles per row) with one
-clear message each, before any process group or model exists.
+check (layout vs world size, heads vs tp, stage split, global batch vs micro batch x dp, tiles per row, fast-path
+keys, data files and the tokenizer's image token) with one clear message each, before any process group or model
+exists.
 """
 
 from __future__ import annotations
@@ -108,8 +109,18 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate_run_config(run: RunConfig, world_size: int, need_data: bool = True) -> None:
-    """Every consistency check of a run for ``world_size`` ranks; raises ``ConfigError`` (one line)."""
+def validate_run_config(
+    run: RunConfig, world_size: int, need_data: bool = True, device_type: str | None = None
+) -> None:
+    """Every consistency check of a run for ``world_size`` ranks; raises ``ConfigError`` (one line).
+
+    Cheap config checks first, then the fast-path keys for ``device_type`` (default: the device this machine
+    would train on), then, with ``need_data``, the data files: ``data.path`` and ``data.tokenizer`` exist and
+    the tokenizer's ``<IMG_CONTEXT>`` id is ``model.image_token_id``. All of it before any process group or
+    model exists, so a bad run fails once, in one line, not on every rank after the model is built.
+    """
+    from mllm.train.fast_path import FastPathError, validate_fast_path
+
     try:
         validate_layout(run.model, run.parallel, world_size)
         if need_data:
@@ -120,6 +131,12 @@ def validate_run_config(run: RunConfig, world_size: int, need_data: bool = True)
     _validate_tiles(run)
     _validate_train(run)
     _validate_optim(run.optim)
+    try:
+        validate_fast_path(run, device_type)
+    except FastPathError as exc:
+        raise ConfigError(str(exc)) from exc
+    if need_data:
+        _validate_data_files(run)
 
 
 def _validate_batch(run: RunConfig, world_size: int) -> None:
@@ -177,3 +194,36 @@ def _validate_optim(o: OptimConfig) -> None:
     _check(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     _check(0.0 < o.vit_layer_decay <= 1.0, f"optim.vit_layer_decay={o.vit_layer_decay} must be in (0, 1]")
     _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+
+
+def _validate_data_files(run: RunConfig) -> None:
+    data = run.data
+    _check(
+        Path(data.path).exists(),
+        f"data.path={data.path}: no such file or directory; set it to a meta JSON or a prepared shard directory",
+    )
+    _check(
+        bool(data.tokenizer), "data.tokenizer is empty: set it to a local Hugging Face tokenizer directory"
+    )
+    _check(
+        Path(data.tokenizer).is_dir(),
+        f"data.tokenizer={data.tokenizer}: no such directory; set it to a local Hugging Face tokenizer directory",
+    )
+    from mllm.data.conversation import IMG_CONTEXT
+    from mllm.data.pipeline import load_tokenizer
+
+    try:
+        vocab = load_tokenizer(data.tokenizer).get_vocab()
+    except ValueError as exc:
+        raise ConfigError(one_line(exc)) from exc
+    _check(
+        IMG_CONTEXT in vocab,
+        f"data.tokenizer={data.tokenizer} has no {IMG_CONTEXT} token: use the InternVL tokenizer of the model "
+        "(it adds <img>, </img> and <IMG_CONTEXT>)",
+    )
+    token = vocab[IMG_CONTEXT]
+    _check(
+        token == run.model.image_token_id,
+        f"model.image_token_id={run.model.image_token_id} but {IMG_CONTEXT} is token {token} of "
+        f"data.tokenizer={data.tokenizer}: set model.image_token_id={token}",
+    )

@@ -45,7 +45,7 @@ def test_every_recipe_composes_and_validates():
         run = load_run_config(name, ["data.path=/data/meta.json"])
         world = run.parallel.tp * run.parallel.pp * 2
         run.train.global_batch_size = max(run.train.global_batch_size, 2 * run.data.micro_batch_size)
-        validate_run_config(run, world)
+        validate_run_config(run, world, need_data=False)  # the data files: test_data_files_are_checked...
 
 
 def test_internvl_1_5_numbers():
@@ -139,3 +139,75 @@ def test_consistency_checks_have_one_clear_message(overrides, world, match):
     with pytest.raises(ConfigError, match=match) as info:
         validate_run_config(run, world)
     assert "\n" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory):
+    from mllm.data.synth import synth
+
+    return synth(tmp_path_factory.mktemp("synth"), num_samples=8, progress=False)
+
+
+def _data_run(synth_data, *overrides: str):
+    return load_run_config(
+        "tiny_sft", [f"data.path={synth_data.meta}", f"data.tokenizer={synth_data.tokenizer}", *overrides]
+    )
+
+
+def test_a_run_on_real_data_files_validates(synth_data):
+    validate_run_config(_data_run(synth_data), 2)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (
+            ["data.path={tmp}/missing.json"],
+            r"^data.path=\S*/missing.json: no such file or directory; set it to",
+        ),
+        (
+            ["data.tokenizer="],
+            r"^data.tokenizer is empty: set it to a local Hugging Face tokenizer directory$",
+        ),
+        (["data.tokenizer={tmp}/no_tok"], r"^data.tokenizer=\S*/no_tok: no such directory; set it to"),
+        (
+            ["model.image_token_id=9"],
+            r"^model.image_token_id=9 but <IMG_CONTEXT> is token 7 of data.tokenizer=\S+: set "
+            r"model.image_token_id=7$",
+        ),
+        (["model.attention_backend=flex"], r"^model.attention_backend='flex' cannot train on CPU"),
+    ],
+)
+def test_data_files_and_fast_path_are_checked_in_one_line(synth_data, tmp_path, overrides, match):
+    run = _data_run(synth_data, *(o.format(tmp=tmp_path) for o in overrides))
+    with pytest.raises(ConfigError, match=match) as info:
+        validate_run_config(run, 1)
+    assert "\n" not in str(info.value)
+
+
+def test_tokenizer_without_the_image_token_is_named(synth_data, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["plain text"], trainer=trainers.BpeTrainer(special_tokens=["<s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>").save_pretrained(str(tmp_path / "plain"))
+    run = _data_run(synth_data, f"data.tokenizer={tmp_path / 'plain'}")
+    with pytest.raises(ConfigError, match=r"^data.tokenizer=\S*/plain has no <IMG_CONTEXT> token: use the"):
+        validate_run_config(run, 1)
+
+
+def test_cli_rejects_a_missing_data_path_before_any_process_group(capsys, tmp_path):
+    import torch.distributed as dist
+
+    from mllm.train.__main__ import main
+
+    missing = tmp_path / "nope" / "meta.json"
+    assert main(["--config-name=tiny_sft", f"data.path={missing}", f"train.run_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"error: data.path={missing}: no such file or directory; set it to a meta JSON or a prepared shard directory\n"
+    )
+    assert not dist.is_initialized() and not (tmp_path / "metrics.jsonl").exists()

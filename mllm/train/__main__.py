@@ -28,7 +28,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     from mllm.config import ConfigError, load_run_config, to_yaml, validate_run_config
-    from mllm.train.fast_path import FastPathError, validate_fast_path
+    from mllm.train.fast_path import FastPathError
     from mllm.train.setup import world_size_from_env
 
     try:
@@ -42,11 +42,12 @@ def main(argv: list[str] | None = None) -> int:
             from mllm.train.dry_run import dry_run_world_size, print_dry_run
 
             world = dry_run_world_size(run)
-            validate_run_config(run, world, need_data=False)
+            # The dry run plans the target machine's run: GPU fast-path keys are fine on a laptop.
+            device = "cpu" if run.train.device == "cpu" else "cuda"
+            validate_run_config(run, world, need_data=False, device_type=device)
             print_dry_run(run, world)
             return 0
-        validate_run_config(run, world_size_from_env())
-        validate_fast_path(run)
+        validate_run_config(run, world_size_from_env())  # the fast-path keys and data files too
     except (ConfigError, FastPathError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

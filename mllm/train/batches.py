@@ -14,6 +14,9 @@ class BatchSource(Protocol):
     ``next_micro_batches(n)`` returns n dicts with input_ids, labels (shifted), segment_ids, position_ids,
     pixel_values (float, normalized) or None, image_flags, sample_ids. Every rank of one data-parallel replica
     (its tp and pp ranks) must return the same micro-batches.
+
+    Optional: ``load_all_states(states)`` takes the states saved by every rank of a checkpoint (any dp size);
+    the trainer prefers it to ``load_state_dict`` when present (``Trainer._resume_data``).
     """
 
     def next_micro_batches(self, n: int) -> list[dict[str, Any]]: ...

@@ -25,7 +25,7 @@ def dry_run_world_size(run: RunConfig) -> int:
 
 def rank_memory(run: RunConfig, world: int, pp_rank: int) -> dict[str, float]:
     """Bytes of one rank of pipeline rank ``pp_rank``: fp32 weights, fp32 grads and AdamW state of trainable
-    parameters (AdamW state divided over dp with ZeRO-1), and a rough activation estimate."""
+    parameters (AdamW state divided over dp with ZeRO-1), and the activation estimate of ``activation_bytes``."""
     pcfg = run.parallel
     skeleton = build_rank_skeleton(run.model, pcfg, meta_mesh(pcfg, world, pp_rank=pp_rank))
     params = list(skeleton.module.parameters())
@@ -41,30 +41,80 @@ def rank_memory(run: RunConfig, world: int, pp_rank: int) -> dict[str, float]:
         "weights": 4 * total,
         "grads": 4 * trainable,
         "adam": adam,
-        "activations": activation_bytes(run, layers, pp_rank == 0),
+        "activations": activation_bytes(run, world, layers, pp_rank == 0, pp_rank),
     }
 
 
-def activation_bytes(run: RunConfig, llm_layers: int, has_vision: bool) -> float:
-    """Megatron's per-layer estimate (Korthikanti et al. 2022, sequence parallel + flash attention:
-    34 * s * h / tp bytes per layer and micro-batch in bf16; with activation checkpointing only each layer's
-    2 * s * h input is kept plus one layer's full set), times the micro-batches in flight (pp for 1F1B)."""
+def compute_bytes(run: RunConfig) -> int:
+    """Bytes of an activation value inside a layer: bf16 under autocast on GPU, fp32 on CPU / dtype=fp32."""
+    fp32 = run.train.dtype == "fp32" or (run.train.dtype == "auto" and run.train.device == "cpu")
+    return 4 if fp32 else 2
+
+
+def micro_batches_in_flight(run: RunConfig, world: int, pp_rank: int) -> float:
+    """Micro-batches whose activations a pipeline rank holds at its peak (Narayanan et al. 2021): 1F1B holds
+    pp - pp_rank, interleaved 1F1B (v virtual stages) (pp - pp_rank) + (pp - 1) / v, GPipe all of them; never
+    more than the step's micro-batches (grad accumulation); 1 without pipelining."""
+    p, d, t = run.parallel, run.data, run.train
+    accum = max(1, t.global_batch_size // (d.micro_batch_size * p.dp_size(world)))
+    if p.pp == 1:
+        return 1.0
+    if p.pp_schedule == "gpipe":
+        return float(accum)
+    ahead = p.pp - pp_rank
+    if p.pp_schedule == "interleaved_1f1b":
+        ahead += (p.pp - 1) / p.virtual_stages
+    return float(min(accum, ahead))
+
+
+def layer_stack_bytes(
+    tokens: int,
+    width: int,
+    layers: int,
+    tp: int,
+    sequence_parallel: bool,
+    checkpointed: bool,
+    value_bytes: int,
+) -> float:
+    """Activations of ``layers`` transformer layers for one micro-batch of ``tokens`` tokens.
+
+    One layer's full set (Korthikanti et al. 2022, flash attention, so no s^2 term), in units of 2-byte values:
+    ``34 * s * h / tp`` with sequence parallelism, ``s * h * (10 + 24 / tp)`` without (layer norms, residual
+    adds and dropout masks are then replicated over tp); scaled by ``value_bytes / 2``. With activation
+    checkpointing each layer keeps only its input, the residual stream, which stays fp32 under autocast:
+    ``4 * s * h`` bytes (``/ tp`` with sequence parallelism), plus one layer's full set being recomputed.
+    """
+    per_value = value_bytes / 2
+    split = tp if sequence_parallel else 1
+    full = tokens * width * (34 / tp if sequence_parallel else 10 + 24 / tp) * per_value
+    if not checkpointed:
+        return full * layers
+    return 4 * tokens * width / split * layers + full
+
+
+def activation_bytes(run: RunConfig, world: int, llm_layers: int, has_vision: bool, pp_rank: int) -> float:
+    """Peak activation bytes of one rank: the layer stacks of its stages (``layer_stack_bytes``) per
+    micro-batch, times the micro-batches in flight (``micro_batches_in_flight``). The LLM uses
+    ``parallel.sequence_parallel``; the ViT has no sequence parallelism (its tokens are replicated over tp)."""
     pcfg, data, m = run.parallel, run.data, run.model
-    tp, in_flight = pcfg.tp, pcfg.pp  # 1F1B: stage 0 holds pp micro-batches (the worst rank)
+    tp, value_bytes = pcfg.tp, compute_bytes(run)
     s, h = data.seq_len * data.micro_batch_size, m.text.hidden_size
-
-    def stack(tokens: int, width: int, layers: int, checkpointed: bool) -> float:
-        full = 34 * tokens * width / tp
-        return (2 * tokens * width / tp * layers + full) if checkpointed else full * layers
-
-    total = stack(s, h, llm_layers, pcfg.activation_checkpointing_llm)
+    total = layer_stack_bytes(
+        s, h, llm_layers, tp, pcfg.sequence_parallel, pcfg.activation_checkpointing_llm, value_bytes
+    )
     if has_vision:
-        tiles = data.max_tiles_per_row * data.micro_batch_size
         v = m.vision
-        total += stack(
-            tiles * (v.num_patches + 1), v.hidden_size, v.num_layers, pcfg.activation_checkpointing_vision
+        tiles = data.max_tiles_per_row * data.micro_batch_size
+        total += layer_stack_bytes(
+            tiles * (v.num_patches + 1),
+            v.hidden_size,
+            v.num_layers,
+            tp,
+            False,
+            pcfg.activation_checkpointing_vision,
+            value_bytes,
         )
-    return float(total * in_flight)
+    return float(total * micro_batches_in_flight(run, world, pp_rank))
 
 
 def flops_per_step(run: RunConfig) -> float:

@@ -66,9 +66,15 @@ def init_optimizer_state(opt: torch.optim.Optimizer) -> None:
             state = inner.state[p]
             if state:
                 continue
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=step_device(group, p))
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def step_device(group: dict, p: torch.Tensor) -> torch.device:
+    """Where torch's AdamW keeps ``step``: on the parameter's device for the fused and capturable kernels
+    (they read it there; torch/optim/adam.py ``_init_group``), on the CPU otherwise."""
+    return p.device if group.get("fused") or group.get("capturable") else torch.device("cpu")
 
 
 def _owned(pm, opt) -> list[tuple[str, torch.nn.Parameter]]:

@@ -116,17 +116,15 @@ class Trainer:
         return self.ckpt.save(self.step, state.tensors, extra, meta, state.chunks, self.config_files)
 
     def resume(self, path: Path) -> None:
-        """Load weights/optimizer into this layout; RNG and data state too when the data layout matches."""
+        """Load weights/optimizer into this layout, the data state (see ``_resume_data``), RNG and counters when
+        the layout matches."""
         state = ckpt_state.checkpoint_state(self.pm, self.optimizer)
         extra, meta = self.ckpt.load(path, state.tensors, state.chunks)
         ckpt_state.restore(state)
         self.step = int(meta["step"])
         self.schedule.load_state_dict({"step": self.step})
         same_layout = meta["layout"] == self.layout()
-        if extra is not None and meta["layout"]["dp"] == self.mesh.dp:
-            self.batches.load_state_dict(self._data_state_for_dp_rank(path, meta))
-        else:
-            self.batches.load_state_dict({"resume_global_step": self.step, "layout": meta["layout"]})
+        self._resume_data(path, meta)
         if same_layout and extra is not None:
             set_rng_state(extra["rng"])
             self.skipped = extra["counters"]["skipped"]
@@ -134,13 +132,20 @@ class Trainer:
         else:  # another layout: RNG streams cannot be mapped; reseed deterministically from the step
             seed_everything(rank_seed(self.run.train.seed + self.step, self.mesh.dp_rank, self.mesh.pp_rank))
 
-    def _data_state_for_dp_rank(self, path: Path, meta: dict) -> dict:
-        """The data-loader state saved by a rank with this dp rank (the data layout only depends on dp)."""
-        for f in sorted((path / "extra").glob("rank_*.pt")):
-            extra = torch.load(f, weights_only=False)
-            if extra["dp_rank"] == self.mesh.dp_rank:
-                return extra["data"]
-        raise FileNotFoundError(f"{path}: no data-loader state for dp rank {self.mesh.dp_rank}")
+    def _resume_data(self, path: Path, meta: dict) -> None:
+        """Data-loader state from every rank's extra file (this rank's own may not exist after a layout
+        change): sources with ``load_all_states`` resume exactly, or elastically after a dp change; others get
+        this dp rank's state at the same dp size, else the step to restart from."""
+        extras = [torch.load(f, weights_only=False) for f in sorted((path / "extra").glob("rank_*.pt"))]
+        load_all = getattr(self.batches, "load_all_states", None)
+        if load_all is not None:
+            load_all([e["data"] for e in extras])
+            return
+        mine = [e["data"] for e in extras if e["dp_rank"] == self.mesh.dp_rank]
+        if meta["layout"]["dp"] == self.mesh.dp and mine:
+            self.batches.load_state_dict(mine[0])
+        else:
+            self.batches.load_state_dict({"resume_global_step": self.step, "layout": meta["layout"]})
 
     # -- the loop -----------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -158,6 +163,13 @@ class Trainer:
         )
         if resume_from is not None:
             logger.message(f"resumed from {resume_from} at step {self.step} ({self.mesh.describe()})")
+            summary = getattr(self.batches, "elastic_summary", None)
+            if summary is not None:
+                logger.message(
+                    f"data stream resumed with dp {summary.old_dp} -> {summary.new_dp}: {summary.reread} "
+                    f"samples re-read (they were in packer buffers), {summary.remaining} untrained samples of "
+                    "the interrupted epochs go first"
+                )
         last_loss = float("nan")
         try:
             while self.step < run.train.steps:

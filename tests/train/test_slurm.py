@@ -17,7 +17,15 @@ def render(capsys, argv):
     return capsys.readouterr().out
 
 
-def test_sbatch_for_2_nodes_x_8_gpus(capsys, tmp_path):
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory):
+    """The launcher validates the data files and the tokenizer's image token before printing."""
+    from mllm.data.synth import synth
+
+    return synth(tmp_path_factory.mktemp("synth"), num_samples=8, progress=False)
+
+
+def test_sbatch_for_2_nodes_x_8_gpus(capsys, tmp_path, synth_data):
     run_dir = tmp_path / "run"
     text = render(
         capsys,
@@ -30,7 +38,9 @@ def test_sbatch_for_2_nodes_x_8_gpus(capsys, tmp_path):
             "--partition",
             "gpu",
             f"train.run_dir={run_dir}",
-            "data.path=/data/meta.json",
+            f"data.path={synth_data.meta}",
+            f"data.tokenizer={synth_data.tokenizer}",
+            "model.image_token_id=7",  # <IMG_CONTEXT> of the synthetic tokenizer
             "checkpoint.resume=none",
         ],
     )
