@@ -8,8 +8,9 @@ state dict + ModelConfig, so a new format only needs a reader/writer of that pai
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 
@@ -18,6 +19,7 @@ import torch
 from mllm import checkpoint_io
 from mllm.convert import files, internvl_chat, transformers_native
 from mllm.convert.errors import CheckpointError, name_a_few
+from mllm.convert.lazy import LazyStateDict, SafetensorsSource, TensorMapper, map_lazily, shapes_of
 from mllm.convert.text_config import text_arch, text_config_to_ours
 from mllm.model.config import ModelConfig
 from mllm.model.internvl import build_model
@@ -61,7 +63,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_state_dict(
-    sd: dict[str, torch.Tensor],
+    sd: Mapping[str, torch.Tensor],
     cfg: ModelConfig,
     where: str,
     hf_name: Callable[[str], str | None] | None = None,
@@ -73,11 +75,11 @@ def check_state_dict(
         other = hf_name(name) if hf_name else None
         return other or name
 
-    _check_against(sd, expected_shapes(cfg), where, shown, unmapped, "config.json")
+    _check_against(shapes_of(sd), expected_shapes(cfg), where, shown, unmapped, "config.json")
 
 
 def _check_against(
-    sd: dict[str, torch.Tensor],
+    sd: dict[str, tuple[int, ...]],
     expected: dict[str, tuple[int, ...]],
     where: str,
     shown: Callable[[str], str],
@@ -93,10 +95,9 @@ def _check_against(
     if missing:
         raise CheckpointError(f"{where}: missing tensors: {name_a_few(missing)}")
     for name, shape in expected.items():
-        if tuple(sd[name].shape) != shape:
+        if tuple(sd[name]) != shape:
             raise CheckpointError(
-                f"{where}: tensor {shown(name)} has shape {tuple(sd[name].shape)}, expected {shape} "
-                f"from {source}"
+                f"{where}: tensor {shown(name)} has shape {tuple(sd[name])}, expected {shape} from {source}"
             )
 
 
@@ -106,8 +107,31 @@ def _cast(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, t
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
 
 
-def read_hf(hf_dir: str | os.PathLike, fmt: str | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    """Our (state dict, ModelConfig) from an HF directory of either format; dtypes as stored."""
+def _tie_lm_head(sd: LazyStateDict, cfg: ModelConfig) -> None:
+    """Tied embeddings: HF stores the embedding only; our model names both."""
+    if cfg.text.tie_word_embeddings and "lm_head.weight" not in sd and "llm.embed_tokens.weight" in sd:
+        sd.alias("lm_head.weight", "llm.embed_tokens.weight")
+
+
+def _hf_mapper(fmt: str, cfg: ModelConfig) -> TensorMapper:
+    if fmt == "internvl_chat":
+        table = internvl_chat.rename_table(cfg.text.arch)
+        return lambda name, tensor: internvl_chat.tensor_to_ours(name, tensor, cfg, table)
+    return transformers_native.tensor_to_ours
+
+
+def _done(sd: LazyStateDict, lazy: bool) -> Mapping[str, torch.Tensor]:
+    return sd if lazy else sd.materialize()
+
+
+def read_hf(
+    hf_dir: str | os.PathLike, fmt: str | None = None, lazy: bool = False
+) -> tuple[Mapping[str, torch.Tensor], ModelConfig]:
+    """Our (state dict, ModelConfig) from an HF directory of either format; dtypes as stored.
+
+    ``lazy``: a ``LazyStateDict`` (names and shapes checked from the file headers, each tensor read and mapped
+    when accessed) instead of all tensors in memory.
+    """
     root = Path(hf_dir)
     fmt = fmt or detect_format(root)
     module = HF_FORMATS[fmt]
@@ -117,24 +141,43 @@ def read_hf(hf_dir: str | os.PathLike, fmt: str | None = None) -> tuple[dict[str
         cfg.validate()
     except ValueError as e:
         raise CheckpointError(f"{where}: {e}") from e
-    sd, unmapped = module.state_dict_to_ours(files.read_safetensors(root), cfg)
+    sd, unmapped = map_lazily(files.open_safetensors(root), _hf_mapper(fmt, cfg))
+    _tie_lm_head(sd, cfg)
     table = module.rename_table(cfg.text.arch) if fmt == "internvl_chat" else module.TABLE
     check_state_dict(sd, cfg, str(root), table.to_hf, unmapped)
+    return _done(sd, lazy), cfg
+
+
+def _open_native(ckpt_dir: str | os.PathLike) -> tuple[LazyStateDict, ModelConfig]:
+    """A native checkpoint as a lazy state dict (same checks as ``checkpoint_io.load_native``)."""
+    root = Path(ckpt_dir)
+    config, weights = root / checkpoint_io.CONFIG_FILE, root / checkpoint_io.WEIGHTS_FILE
+    if not (config.is_file() and weights.is_file()):
+        checkpoint_io.load_native(root)  # raises its one-line error naming the missing file
+    cfg = checkpoint_io.config_from_dict(json.loads(config.read_text()), str(config))
+    sd, _ = map_lazily(SafetensorsSource([weights]), lambda name, tensor: {name: tensor})
+    _tie_lm_head(sd, cfg)
     return sd, cfg
 
 
-def read_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    """(state dict, ModelConfig) from a native, HF or trainer checkpoint directory."""
+def read_checkpoint(
+    ckpt_dir: str | os.PathLike, lazy: bool = False
+) -> tuple[Mapping[str, torch.Tensor], ModelConfig]:
+    """(state dict, ModelConfig) from a native, HF or trainer checkpoint directory.
+
+    ``lazy``: native and HF checkpoints come as a ``LazyStateDict`` (each tensor read when accessed, so a
+    pipeline stage reads only its own); a trainer checkpoint (DCP shards of another layout) is read whole.
+    """
     fmt = detect_format(ckpt_dir)
     if fmt == "trainer":
         from mllm.train.export import read_trainer_checkpoint
 
         return read_trainer_checkpoint(ckpt_dir)
     if fmt == "native":
-        sd, cfg = checkpoint_io.load_native(ckpt_dir)
+        sd, cfg = _open_native(ckpt_dir)
         check_state_dict(sd, cfg, str(ckpt_dir))
-        return sd, cfg
-    return read_hf(ckpt_dir, fmt)
+        return _done(sd, lazy), cfg
+    return read_hf(ckpt_dir, fmt, lazy)
 
 
 def write_hf(
@@ -239,22 +282,25 @@ def _check_part_config(ckpt: object, ours: object, fields: tuple[str, ...], wher
 
 
 def _read_part(
-    ckpt_dir: str | os.PathLike, cfg: ModelConfig, hf_prefix: str, ours: tuple[str, ...], what: str
-) -> dict[str, torch.Tensor]:
+    ckpt_dir: str | os.PathLike,
+    cfg: ModelConfig,
+    hf_prefix: str,
+    ours: tuple[str, ...],
+    what: str,
+    lazy: bool = False,
+) -> Mapping[str, torch.Tensor]:
     """Map a standalone checkpoint's tensors (names without ``hf_prefix``) with the InternVL-Chat rules and
     check them against the run's model config: exactly the tensors under ``ours``, with their shapes."""
     root = Path(ckpt_dir)
     table = internvl_chat.rename_table(cfg.text.arch)
-    sd: dict[str, torch.Tensor] = {}
-    unmapped: list[str] = []
-    for name, tensor in files.read_safetensors(root).items():
+
+    def map_one(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
         full = name if name.startswith(hf_prefix) else hf_prefix + name  # InternVL-Chat prefix optional
         mapped = internvl_chat.tensor_to_ours(full, tensor, cfg, table)
-        if mapped is None or not all(k.startswith(ours) for k in mapped):
-            unmapped.append(name)
-        else:
-            sd.update(mapped)
-    internvl_chat.tie_lm_head(sd, cfg)
+        return mapped if mapped is not None and all(k.startswith(ours) for k in mapped) else None
+
+    sd, unmapped = map_lazily(files.open_safetensors(root), map_one)
+    _tie_lm_head(sd, cfg)
 
     def shown(name: str) -> str:
         hf = table.to_hf(name)
@@ -262,15 +308,18 @@ def _read_part(
 
     expected = {k: v for k, v in expected_shapes(cfg).items() if k.startswith(ours)}
     where = f"{root} ({what})"
-    _check_against(sd, expected, where, shown, unmapped, "the run's model config")
-    return sd
+    _check_against(shapes_of(sd), expected, where, shown, unmapped, "the run's model config")
+    return _done(sd, lazy)
 
 
-def read_vision_checkpoint(ckpt_dir: str | os.PathLike, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def read_vision_checkpoint(
+    ckpt_dir: str | os.PathLike, model_cfg: ModelConfig, lazy: bool = False
+) -> Mapping[str, torch.Tensor]:
     """A standalone InternViT HF checkpoint (InternViT-6B / 300M: ``embeddings.*``, ``encoder.layers.{i}.*``,
     or the same under InternVL-Chat's ``vision_model.``) -> our ``vision.*`` tensors for ``model_cfg``.
 
     config.json must describe the run's ViT (sizes, norm, biases); one-line errors name the key or tensor.
+    ``lazy`` as in ``read_checkpoint``.
     """
     root = Path(ckpt_dir)
     where = str(root / files.CONFIG_FILE)
@@ -278,15 +327,17 @@ def read_vision_checkpoint(ckpt_dir: str | os.PathLike, model_cfg: ModelConfig) 
     config = config.get("vision_config", config)  # an InternVL-Chat config.json carries it nested
     ckpt = internvl_chat.vision_config_to_ours(config, where)
     _check_part_config(ckpt, model_cfg.vision, _VISION_FIELDS, where, "vision")
-    return _read_part(root, model_cfg, "vision_model.", ("vision.",), "InternViT checkpoint")
+    return _read_part(root, model_cfg, "vision_model.", ("vision.",), "InternViT checkpoint", lazy)
 
 
-def read_llm_checkpoint(ckpt_dir: str | os.PathLike, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def read_llm_checkpoint(
+    ckpt_dir: str | os.PathLike, model_cfg: ModelConfig, lazy: bool = False
+) -> Mapping[str, torch.Tensor]:
     """A standalone LLM HF checkpoint -> our ``llm.*`` and ``lm_head.*`` tensors for ``model_cfg``.
 
     InternLM2 (``model.tok_embeddings``, ``model.layers.{i}.attention.wqkv``, ..., ``output.weight``) or
     Llama / Qwen2 (``model.embed_tokens``, ..., ``lm_head.weight``); the architecture in config.json must be
-    the run's ``model.text.arch``, and its sizes the run's.
+    the run's ``model.text.arch``, and its sizes the run's. ``lazy`` as in ``read_checkpoint``.
     """
     root = Path(ckpt_dir)
     where = str(root / files.CONFIG_FILE)
@@ -294,4 +345,4 @@ def read_llm_checkpoint(ckpt_dir: str | os.PathLike, model_cfg: ModelConfig) -> 
     config = config.get("llm_config", config)
     ckpt = text_config_to_ours(config, text_arch(config, where), where)
     _check_part_config(ckpt, model_cfg.text, _TEXT_FIELDS, where, "text")
-    return _read_part(root, model_cfg, "language_model.", ("llm.", "lm_head."), "LLM checkpoint")
+    return _read_part(root, model_cfg, "language_model.", ("llm.", "lm_head."), "LLM checkpoint", lazy)

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mllm.convert.errors import CheckpointError
+from mllm.convert.lazy import SafetensorsSource
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -42,23 +43,34 @@ def read_config(hf_dir: Path) -> dict[str, Any]:
     return read_json(hf_dir / CONFIG_FILE, "the model's config.json (a Hugging Face checkpoint directory)")
 
 
-def read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``."""
+def safetensors_paths(hf_dir: Path) -> list[Path]:
+    """The weight files: ``model.safetensors`` or the shards listed in ``model.safetensors.index.json``."""
     if (hf_dir / INDEX_FILE).is_file():
         index = read_json(hf_dir / INDEX_FILE, "a safetensors shard index")
-        files = sorted(set(index.get("weight_map", {}).values()))
+        names = sorted(set(index.get("weight_map", {}).values()))
     elif (hf_dir / SINGLE_FILE).is_file():
-        files = [SINGLE_FILE]
+        names = [SINGLE_FILE]
     else:
         raise CheckpointError(
             f"{hf_dir / SINGLE_FILE} not found (nor {INDEX_FILE}): expected the weights as safetensors; "
             "re-save a .bin checkpoint with save_pretrained(safe_serialization=True)"
         )
-    tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        path = hf_dir / name
+    paths = [hf_dir / name for name in names]
+    for path in paths:
         if not path.is_file():
             raise CheckpointError(f"{path} not found: listed in {hf_dir / INDEX_FILE} as a weight shard")
+    return paths
+
+
+def open_safetensors(hf_dir: Path) -> SafetensorsSource:
+    """The directory's tensors, listed from the file headers; data is read per tensor on access."""
+    return SafetensorsSource(safetensors_paths(hf_dir))
+
+
+def read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in safetensors_paths(hf_dir):
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 tensors[key] = f.get_tensor(key)

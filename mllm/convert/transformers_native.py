@@ -198,16 +198,22 @@ def config_from_ours(cfg: ModelConfig, with_extra: bool = True) -> dict[str, Any
 
 
 # -- tensors -----------------------------------------------------------------------------------------------
+def tensor_to_ours(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """One HF tensor (saved or in-memory name) -> {our name: tensor}; None when no rule maps it."""
+    target = TABLE.to_ours(saved_name(name))
+    return None if target is None else {target: tensor}
+
+
 def state_dict_to_ours(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict, list[str]]:
     """HF tensors -> (our tensors, HF names no rule maps). Shapes are checked by the caller."""
     ours: dict[str, torch.Tensor] = {}
     unmapped: list[str] = []
     for name, tensor in hf_sd.items():
-        target = TABLE.to_ours(saved_name(name))
-        if target is None:
+        mapped = tensor_to_ours(name, tensor)
+        if mapped is None:
             unmapped.append(name)
         else:
-            ours[target] = tensor
+            ours.update(mapped)
     if cfg.text.tie_word_embeddings and "lm_head.weight" not in ours and "llm.embed_tokens.weight" in ours:
         ours["lm_head.weight"] = ours["llm.embed_tokens.weight"]
     return ours, unmapped

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import os
 import random
+from collections.abc import Mapping
+from functools import partial
 
 import numpy as np
 import torch
@@ -80,26 +82,29 @@ def rank_seed(base: int, dp_rank: int, pp_rank: int) -> int:
     return base * 1_000_003 + pp_rank * 10_007 + dp_rank
 
 
-def load_initial_state(run: RunConfig) -> dict[str, torch.Tensor] | None:
+def load_initial_state(run: RunConfig) -> Mapping[str, torch.Tensor] | None:
     """Full tensors (single-device names) from ``model.init_from`` and/or separate ViT / LLM checkpoints
     (``train.init_vision_from`` / ``train.init_llm_from``, which replace those parts of ``model.init_from``).
 
     With only part checkpoints (the usual start of stage 1), the remaining weights (the projector) get the
     seeded, layout-independent initialization of ``parallel``. None: initialize everything that way.
+    The result is lazy: a tensor is read (or initialized) when accessed, so a rank reads only the tensors of
+    its own pipeline stage instead of the whole checkpoint (a trainer checkpoint is still read whole).
     """
     if not (run.model.init_from or run.train.init_vision_from or run.train.init_llm_from):
         return None
     from mllm.convert import core
+    from mllm.convert.lazy import LazyStateDict
     from parallel.build import init_full_tensor
 
-    sd: dict[str, torch.Tensor] = {}
+    sd = LazyStateDict()
     if run.model.init_from:
-        sd, _ = core.read_checkpoint(run.model.init_from)
+        sd.update_from(core.read_checkpoint(run.model.init_from, lazy=True)[0])
     if run.train.init_vision_from:
-        sd.update(core.read_vision_checkpoint(run.train.init_vision_from, run.model))
+        sd.update_from(core.read_vision_checkpoint(run.train.init_vision_from, run.model, lazy=True))
     if run.train.init_llm_from:
-        sd.update(core.read_llm_checkpoint(run.train.init_llm_from, run.model))
+        sd.update_from(core.read_llm_checkpoint(run.train.init_llm_from, run.model, lazy=True))
     for name, shape in core.expected_shapes(run.model).items():
         if name not in sd:
-            sd[name] = init_full_tensor(name, torch.Size(shape), run.model, run.train.seed)
+            sd.add(name, shape, partial(init_full_tensor, name, torch.Size(shape), run.model, run.train.seed))
     return sd
