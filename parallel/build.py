@@ -10,8 +10,9 @@ from torch import nn
 
 from mllm.model.config import ModelConfig
 from mllm.model.internvl import InternVLModel
+from parallel.backends import get_layer_backend
 from parallel.config import ParallelConfig
-from parallel.layers import TPInfo, get_layer_backend
+from parallel.layers import TPInfo
 from parallel.mesh import ParallelMesh
 from parallel.pipeline import resolve_layers_per_stage, stage_layer_indices, stages_of_pp_rank
 from parallel.shard import ShardSpec, shard_full_tensor
