@@ -40,8 +40,10 @@ def _write_stdout(text: str) -> None:
 class Report:
     """The run's rows and sections (parity, trainer smoke); the JSON-lines file; the final table and summary."""
 
-    def __init__(self, meta: dict, slice_desc: str, rows_path: Path | None = None) -> None:
-        self.start = time.monotonic()
+    def __init__(
+        self, meta: dict, slice_desc: str, rows_path: Path | None = None, start: float | None = None
+    ) -> None:
+        self.start = time.time() if start is None else start  # wall-clock start (gpu.sh's, preamble included)
         self.meta = meta  # card, date, versions, peak_bf16_tflops, slice_tflop_per_step, ...
         self.slice_desc = slice_desc
         self.rows: list[dict] = []
@@ -53,7 +55,7 @@ class Report:
         self.run_id = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
     def elapsed(self) -> float:
-        return time.monotonic() - self.start
+        return time.time() - self.start
 
     # -- recording ---------------------------------------------------------------------------------------
     def _append_line(self, record: dict) -> None:
@@ -128,10 +130,14 @@ class Report:
 
 # -- summary ----------------------------------------------------------------------------------------------
 def _measured(rows: list[dict], fp8: bool, compiled: bool) -> list[dict]:
+    """Measured torch-backend rows of one precision family and compile mode (TE rows are not compared)."""
     return [
         r
         for r in rows
-        if "fwd_bwd_s" in r and r["precision"].startswith("fp8") == fp8 and r["compile"] == compiled
+        if "fwd_bwd_s" in r
+        and r.get("backend", "torch") == "torch"
+        and r["precision"].startswith("fp8") == fp8
+        and r["compile"] == compiled
     ]
 
 
