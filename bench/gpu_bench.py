@@ -255,8 +255,7 @@ class Steps:
 
 def measure(name: str, precision: str, compile_: bool, make_model, ctx, args) -> dict:
     """Build (``make_model``), warm up (compiles), then time; setup and peak memory are this step's own."""
-    free_device_memory()
-    before = allocated_gib()
+    before = allocated_gib()  # after run_step's free_device_memory(): what earlier steps left behind
     t0 = time.perf_counter()
     cfg = slice_config()
     model = make_model(cfg)
@@ -333,7 +332,9 @@ def ensure_torchao() -> str:
     site = Path(tempfile.gettempdir()) / "mllm_gpu_site"
     with zipfile.ZipFile(wheels[-1]) as wheel:
         wheel.extractall(site)
-    sys.path.append(str(site))
+    for mod in [m for m in sys.modules if m == "torchao" or m.startswith("torchao.")]:
+        del sys.modules[mod]  # a broken installed torchao may have been half imported
+    sys.path.insert(0, str(site))
     return f"torchao from {Path(wheels[-1]).name} (unpacked to {site})"
 
 
@@ -389,6 +390,7 @@ def run_step(report: Report, name: str, kind: str, thunk, args, meta: dict) -> N
         report.add_section(name, skipped) if section else report.add_row({"name": name, **skipped})
         return
     report.current = (name, section)
+    free_device_memory()
     try:
         if section:
             inject(args, name)  # rows inject mid-step, after their model is built (``measure``)
@@ -427,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     card = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)"
     meta = {"card": card, "date": datetime.date.today().isoformat(), "versions": versions(),
             "peak_bf16_tflops": peak_tflops_for(card), "slice_tflop_per_step": slice_flops(slice_config()) / 1e12,
-            "setup": torchao_note}  # fmt: skip
+            "torchao_source": torchao_note}  # fmt: skip
     tokens, tiles = (
         SLICE["samples"] * SLICE["tokens_per_sample"],
         SLICE["samples"] * SLICE["tiles_per_sample"],

@@ -174,7 +174,8 @@ def tflops_per_device(flops: float, seconds: float, n_devices: int) -> float:
 # Dense bf16 peak TFLOP/s (no sparsity) by device name substring, from the vendors' data sheets.
 PEAK_BF16_TFLOPS: dict[str, float] = {
     "H200": 989.0,
-    "H100": 989.0,  # SXM; the PCIe card is 756
+    "H100 PCIe": 756.0,  # matched before "H100" (first match wins)
+    "H100": 989.0,  # SXM
     "A100": 312.0,
     "L40S": 362.0,
     "A10": 125.0,
