@@ -57,7 +57,14 @@ class Linear(_ExtraState):
             raise AssertionError(
                 f"FP8 execution requires rows divisible by 16, got {x.numel() // x.shape[-1]}"
             )
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        # Sequence parallelism in one process, standing for tp ranks with identical inputs (no bias in row mode):
+        # column = all-gather of the rows along dim 0, row = reduce-scatter (rank 0's chunk of the sum).
+        if self.sequence_parallel and self.parallel_mode == "column":
+            y = torch.cat([y] * self.tp_size)
+        elif self.sequence_parallel and self.parallel_mode == "row":
+            y = self.tp_size * y.reshape(self.tp_size, -1, *y.shape[1:])[0]
+        return y
 
 
 class LayerNormMLP(_ExtraState):

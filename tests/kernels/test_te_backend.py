@@ -149,3 +149,31 @@ def test_sequence_parallel_padding_pads_each_ranks_chunk() -> None:
     torch.testing.assert_close(padded[8:11], x[3:])
     assert not padded[3:8].any() and not padded[11:].any()
     torch.testing.assert_close(te_backend._unpad_chunks(padded, 2, m), x)
+
+
+def test_layer_backends_are_looked_up_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    import parallel.backends as backends
+
+    monkeypatch.setattr(backends, "_REGISTERED", {})
+    backends.register_layer_backend("mine", TorchLayerBackend)
+    assert isinstance(get_layer_backend("mine"), TorchLayerBackend)
+    assert isinstance(get_layer_backend("torch"), TorchLayerBackend)
+    with pytest.raises(ValueError, match=r"'nope' is unknown; available: \['mine', 'te', 'torch'\]"):
+        get_layer_backend("nope")
+
+
+def test_fp8_padding_under_sequence_parallelism_keeps_each_ranks_rows(fake_te, monkeypatch) -> None:
+    """Fake TE whose SP linears gather / reduce-scatter identical ranks in one process, FP8 row check on:
+    9 local rows (not a multiple of 16) come out in our [batch, seq] order, padding removed per rank chunk."""
+    monkeypatch.setattr(fake_te.fp8.FP8GlobalStateManager, "FP8_ENABLED", True)
+    tp = TPInfo(size=2, rank=0, group=None)
+    column = te_backend.te_linear("column", 8, 32, bias=False, tp=tp, sequence_parallel=True)
+    row = te_backend.te_linear("row", 32, 8, bias=False, tp=tp, sequence_parallel=True)
+    for linear in (column, row):
+        torch.nn.init.normal_(linear.weight)
+    x = torch.randn(1, 9, 8)  # this rank's sequence chunk
+    local = torch.nn.functional.linear(x, column.weight)
+    torch.testing.assert_close(column(x), torch.cat([local, local], dim=1))  # [1, 18, 16]: the full sequence
+    h = torch.randn(1, 18, 16)
+    # rank 0 receives the sum over the 2 (identical) ranks of its own sequence chunk
+    torch.testing.assert_close(row(h), 2 * torch.nn.functional.linear(h[:, :9], row.weight))
