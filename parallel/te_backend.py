@@ -135,9 +135,6 @@ def _te_linear_classes() -> tuple[type, type]:
                 y = y.view(gathered * x.shape[0], *x.shape[1:-1], y.shape[-1])
             return te_to_ours_rows(y, self.tp_size) if self.sequence_parallel else y
 
-        def extra_repr(self) -> str:
-            return f"column, tp{self.tp_size}, sp={self.sequence_parallel}"
-
     class TERowParallelLinear(te.Linear):
         """``te.Linear(parallel_mode="row")``: ``weight`` [out, in/tp], full ``bias`` [out] after the reduction."""
 
@@ -150,9 +147,6 @@ def _te_linear_classes() -> tuple[type, type]:
             padded, m = _pad_chunks(x, chunks, TE_ROW_MULTIPLE)
             y = _unpad_chunks(super().forward(padded, *args, **kwargs), 1, m)
             return y.view(x.shape[0] // chunks, *x.shape[1:-1], y.shape[-1])
-
-        def extra_repr(self) -> str:
-            return f"row, tp{self.tp_size}, sp={self.sequence_parallel}"
 
     return TEColumnParallelLinear, TERowParallelLinear
 
