@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mllm.model.lora import LoraConfig
+
 
 @dataclass
 class VisionConfig:
@@ -39,9 +41,9 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    """A Llama-family decoder as InternLM2, Llama and Qwen2 use it. Defaults are InternLM2-20B-chat."""
+    """A Llama-family decoder as InternLM2, Llama, Qwen2 and Qwen3 use it. Defaults are InternLM2-20B-chat."""
 
-    arch: str = "internlm2"  # "internlm2" | "llama" | "qwen2": only changes the checkpoint layout
+    arch: str = "internlm2"  # "internlm2" | "llama" | "qwen2" | "qwen3": only changes the checkpoint layout
     vocab_size: int = 92553
     hidden_size: int = 6144
     num_layers: int = 48
@@ -56,6 +58,7 @@ class TextConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     tie_word_embeddings: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k (weight [head_dim], shared by heads)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -77,6 +80,8 @@ class ModelConfig:
     attention_backend: str = "sdpa"  # "sdpa" | "flex" | "flash" | "auto" (see mllm.model.attention)
     init_std: float = 0.02
     init_from: str | None = None  # an HF directory (either format) to load weights from
+    # LoRA adapters (InternVL's use_backbone_lora / use_llm_lora); a run sets them with the top-level ``lora``.
+    lora: LoraConfig = field(default_factory=LoraConfig)
     # Hugging Face config.json fields with no ModelConfig counterpart, per HF format ("internvl_chat" or
     # "transformers"), kept so that an import -> train -> export round trip loses nothing (mllm.convert).
     hf_extra: dict[str, Any] = field(default_factory=dict)
@@ -113,6 +118,7 @@ class ModelConfig:
             raise ValueError(
                 f"model.vision.norm_type must be 'rms_norm' or 'layer_norm', got {v.norm_type!r}"
             )
+        self.lora.validate()
         if not -(v.num_layers + 1) <= self.select_layer <= v.num_layers:
             raise ValueError(
                 f"model.select_layer {self.select_layer} out of range for {v.num_layers} ViT layers"
