@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from mllm.data.config import DataConfig
 from mllm.kernels.fp8 import FP8Config
 from mllm.model.config import ModelConfig
+from mllm.model.lora import LoraConfig, resolve_lora
 from parallel.config import ParallelConfig
 
 
@@ -89,3 +90,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     fp8: FP8Config = field(default_factory=FP8Config)  # FP8 training (mllm.kernels.fp8 / TE recipes)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # lora.vision / lora.llm = rank; becomes model.lora
+
+    def __post_init__(self) -> None:
+        self.model.lora = resolve_lora(self.lora, self.model.lora)

@@ -102,19 +102,23 @@ def activation_bytes(run: RunConfig, world: int, llm_layers: int, has_vision: bo
     total = layer_stack_bytes(
         s, h, llm_layers, tp, pcfg.sequence_parallel, pcfg.activation_checkpointing_llm, value_bytes
     )
+    in_flight = micro_batches_in_flight(run, world, pp_rank)
     if has_vision:
         v = m.vision
         tiles = data.max_tiles_per_row * data.micro_batch_size
-        total += layer_stack_bytes(
+        # A ViT without trainable weights saves nothing for backward: only one layer's forward working set.
+        saved = not pcfg.freeze_vision or m.lora.vision > 0
+        vit = layer_stack_bytes(
             tiles * (v.num_patches + 1),
             v.hidden_size,
-            v.num_layers,
+            v.num_layers if saved else 1,
             tp,
             False,
-            pcfg.activation_checkpointing_vision,
+            pcfg.activation_checkpointing_vision and saved,
             value_bytes,
         )
-    return float(total * micro_batches_in_flight(run, world, pp_rank))
+        total += vit if saved else vit / in_flight
+    return float(total * in_flight)
 
 
 def flops_per_step(run: RunConfig) -> float:
