@@ -66,6 +66,18 @@ def local_only(rejections: list[Rejection]) -> list[Rejection]:
     return rejections
 
 
+@dataclass(frozen=True)
+class DecodeSplit:
+    """Decoding shared by the `peers` ranks that train the same rows (one dp replica's tp and pp ranks): this
+    rank decodes the micro-batch's samples i with i % peers == index, and `gather` (an all-gather over the peers,
+    in the main thread) returns every peer's {sample index: tiles or Rejected}. So each image is decoded once
+    per replica, and all peers drop the same rejected samples."""
+
+    index: int
+    peers: int
+    gather: Callable[[dict], list[dict]]
+
+
 @dataclass
 class _Step:
     """One planned step: this rank's micro-batches (rows of stage-1 results, decode futures), the state before
@@ -88,6 +100,7 @@ class PackedLoader:
         rows_per_step: int | None = None,
         epochs: int | None = None,
         exchange: Callable[[list[Rejection]], list[Rejection]] = local_only,
+        decode_split: DecodeSplit | None = None,
     ) -> None:
         """rows_per_step: packed rows per optimizer step over all dp ranks (default one micro-batch per rank);
         epochs: end the stream after this many epochs of the data; exchange: shares the step's decode-time
@@ -105,6 +118,7 @@ class PackedLoader:
         self.micro_per_step = self.rows_per_step // (cfg.micro_batch_size * dp_size)
         self.epochs = epochs
         self.exchange = exchange
+        self.decode_split = decode_split
         self.sources = open_sources(cfg.path)
         self.processor = SampleProcessor(cfg, self.sources)
         tok = load_tokenizer(cfg.tokenizer)
@@ -371,10 +385,22 @@ class PackedLoader:
         self._last_state = {**step.after, "bad": self.bad_samples.state_dict()}
         self.bad_samples.check()
 
-    def _submit(self, rows: list[list[Stage1Result]]) -> list[list[Future]]:
-        if self._executor is None:
-            return [[_done(self._decode, item) for item in row] for row in rows]
-        return [[self._executor.submit(self._decode, item) for item in row] for row in rows]
+    def _submit(self, rows: list[list[Stage1Result]]) -> list[list[Future | None]]:
+        """Decode futures of the micro-batch's samples this rank decodes (None: a peer decodes it)."""
+        split = self.decode_split
+        out, i = [], 0
+        for row in rows:
+            futures = []
+            for item in row:
+                if split is not None and i % split.peers != split.index:
+                    futures.append(None)
+                elif self._executor is None:
+                    futures.append(_done(self._decode, item))
+                else:
+                    futures.append(self._executor.submit(self._decode, item))
+                i += 1
+            out.append(futures)
+        return out
 
     def _decode(self, item: Stage1Result):
         try:
@@ -382,12 +408,24 @@ class PackedLoader:
         except Rejected as e:
             return e
 
-    def _assemble(self, rows: list[list[Stage1Result]], futures: list[list[Future]]) -> PackedBatch:
+    def _decoded(self, futures: list[list[Future | None]]) -> list:
+        """Tiles (or Rejected) of every sample of the micro-batch, in order; gathered from the peers if split."""
+        flat = [f for row in futures for f in row]
+        mine = {i: f.result() for i, f in enumerate(flat) if f is not None}
+        if self.decode_split is None:
+            return [mine[i] for i in range(len(flat))]
+        gathered: dict = {}
+        for part in self.decode_split.gather(mine):
+            gathered.update(part)
+        return [gathered[i] for i in range(len(flat))]
+
+    def _assemble(self, rows: list[list[Stage1Result]], futures: list[list[Future | None]]) -> PackedBatch:
+        decoded = iter(self._decoded(futures))
         out_rows = []
-        for row, row_futures in zip(rows, futures):
+        for row in rows:
             out = []
-            for item, fut in zip(row, row_futures):
-                tiles = fut.result()
+            for item in row:
+                tiles = next(decoded)
                 if isinstance(tiles, Rejected):  # the sample leaves its row; the row keeps the rest
                     self._rejections.append((item.pos, item.dataset, tiles.reason, item.key, tiles.detail))
                     continue

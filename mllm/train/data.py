@@ -1,8 +1,9 @@
 """Adapter from ``mllm.data``'s ``PackedLoader`` to the trainer's ``BatchSource``.
 
 Every rank builds a loader of the same global stream (``mllm.data.loader``): the ranks of one data-parallel
-replica (its tp and pp ranks) get the same rows and so identical micro-batches without a broadcast, and the global
-batch of a step does not depend on the layout. Rejections found while decoding are all-gathered once per step so
+replica (its tp and pp ranks) get the same rows, split the decoding of their images among themselves and
+all-gather the tiles (each image is decoded once per replica), and the global batch of a step does not depend on
+the layout. Rejections found while decoding are all-gathered once per step so
 every rank counts the same; with ``data.log_samples`` rank 0 writes each step's global batch to
 ``RUN_DIR/samples.jsonl``.
 
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from mllm.data.batch import PackedBatch, normalize_pixels
-from mllm.data.loader import PackedLoader, Rejection
+from mllm.data.loader import DecodeSplit, PackedLoader, Rejection
 from mllm.train.config import RunConfig
 from mllm.train.fast_path import training_device_type
 from parallel.mesh import ParallelMesh
@@ -64,6 +65,30 @@ def all_ranks_rejections(rejections: list[Rejection]) -> list[Rejection]:
     return [tuple(r) for rank_rejections in gathered for r in rank_rejections]
 
 
+def replica_decode_split(mesh: ParallelMesh) -> DecodeSplit | None:
+    """The ranks training the same rows (same dp rank: the replica's tp and pp ranks) share the decoding: each
+    decodes every n-th sample and the tiles are all-gathered in a process group per replica. None when a replica
+    is one rank. Every rank takes part in creating every replica's group (torch.distributed requires it)."""
+    if not dist.is_initialized() or dist.get_world_size() == mesh.dp:
+        return None
+    dp_ranks: list = [None] * dist.get_world_size()
+    dist.all_gather_object(dp_ranks, mesh.dp_rank)
+    mine = None
+    for d in range(mesh.dp):
+        peers = [r for r, dp_rank in enumerate(dp_ranks) if dp_rank == d]
+        group = dist.new_group(peers)
+        if d == mesh.dp_rank:
+            mine = (peers, group)
+    peers, group = mine
+
+    def gather(decoded: dict) -> list[dict]:
+        out: list = [None] * len(peers)
+        dist.all_gather_object(out, decoded, group=group)
+        return out
+
+    return DecodeSplit(peers.index(dist.get_rank()), len(peers), gather)
+
+
 class DataLoaderSource:
     def __init__(self, run: RunConfig, mesh: ParallelMesh) -> None:
         cfg = dataclasses.replace(run.data, prefetch_batches=step_prefetch(run, mesh.dp))
@@ -74,6 +99,7 @@ class DataLoaderSource:
             rows_per_step=run.train.global_batch_size,
             epochs=run.train.epochs,
             exchange=all_ranks_rejections,
+            decode_split=replica_decode_split(mesh),
         )
         self.dp_rank = mesh.dp_rank
         rank0 = not dist.is_initialized() or dist.get_rank() == 0

@@ -184,3 +184,58 @@ def test_png_bytes_roundtrip_in_shards(shards):
     src = [s for s in open_sources(shards) if s.name == "synth_en"][0]
     _, sample = next(iter(src.read_unit(0)))
     assert sample.record["conversations"] and all(Image.open(io.BytesIO(b)).size for b in sample.images)
+
+
+def test_a_replica_decodes_each_image_once(synth_dir):
+    """Two peers of one replica (threads standing in for tp ranks, a barrier for the all-gather) each decode
+    half of the samples and assemble the same batches as a loader that decodes everything (the reference)."""
+    import threading
+
+    from mllm.data.loader import DecodeSplit
+
+    cfg = small_config(synth_dir.meta, synth_dir.tokenizer)
+    single = build_loader(cfg)
+    single_calls = [0]
+    single_stage2 = single.processor.stage2
+
+    def count_single(item):
+        single_calls[0] += 1
+        return single_stage2(item)
+
+    single.processor.stage2 = count_single
+    reference = take(single, 3)
+    slots: list = [None, None]
+    barrier = threading.Barrier(2)
+
+    def gather_as(index):
+        def gather(mine):
+            slots[index] = mine
+            barrier.wait()
+            out = list(slots)
+            barrier.wait()
+            return out
+
+        return gather
+
+    peers = [build_loader(cfg) for _ in range(2)]
+    calls = [0, 0]
+    for index, loader in enumerate(peers):
+        loader.decode_split = DecodeSplit(index, 2, gather_as(index))
+        stage2 = loader.processor.stage2
+
+        def counted(item, index=index, stage2=stage2):
+            calls[index] += 1
+            return stage2(item)
+
+        loader.processor.stage2 = counted
+    results: list = [None, None]
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, take(peers[i], 3))) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    # together once what the single loader decoded (prefetched micro-batches included), each about half
+    assert calls[0] + calls[1] == single_calls[0] and abs(calls[0] - calls[1]) <= 5
+    for batches in results:
+        for a, b in zip(reference, batches):
+            assert_same(a, b)
