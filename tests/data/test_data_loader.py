@@ -229,7 +229,9 @@ def test_a_replica_decodes_each_image_once(synth_dir):
 
         loader.processor.stage2 = counted
     results: list = [None, None]
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, take(peers[i], 3))) for i in range(2)]
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, take(peers[i], 3))) for i in range(2)
+    ]
     for t in threads:
         t.start()
     for t in threads:
