@@ -343,7 +343,9 @@ class PackedLoader:
         for _ in range(self.rows_per_step):
             while not self.packer.ready() and not self._exhausted:
                 self._consume_one(outcomes)
-            positions = self.packer.pop_row(row_level(self.packer.rows_emitted)) if len(self.packer) else []
+            # one FLOP level for all rows of a step, so any split of the step among dp ranks is balanced
+            level = row_level(self.packer.rows_emitted // self.rows_per_step)
+            positions = self.packer.pop_row(level) if len(self.packer) else []
             rows.append([self._store.pop(p) for p in positions])
         if not any(rows):
             self._ended = True

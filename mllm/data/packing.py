@@ -187,13 +187,14 @@ GOLDEN = 0.6180339887498949
 LEVEL_SPREAD = 0.15  # measured best on the SFT-like mix of bench/packing.py
 
 
-def row_level(row_index: int, spread: float = LEVEL_SPREAD) -> float:
-    """FLOP level of the row-index-th row of the stream: a low-discrepancy sweep of 1 +- spread.
+def row_level(step: int, spread: float = LEVEL_SPREAD) -> float:
+    """FLOP level of the rows of the step-th step: a low-discrepancy sweep of 1 +- spread.
 
-    A step's rows then cover the levels evenly, so rows that cannot be made average (a long text with few tiles,
-    say) are mixed with lighter ones, and `assign_rows` can even the ranks out.
+    All rows of a step target the same level (the loader passes the step index), so any split of the step among
+    dp ranks is balanced, and rows that cannot be made average (a long text with few tiles, say) go to light
+    steps on every rank at once instead of unbalancing a step.
     """
-    return 1.0 + spread * (2.0 * ((row_index * GOLDEN) % 1.0) - 1.0)
+    return 1.0 + spread * (2.0 * ((step * GOLDEN) % 1.0) - 1.0)
 
 
 def assign_rows(flops: list[float], ranks: int) -> list[list[int]]:

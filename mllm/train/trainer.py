@@ -222,10 +222,15 @@ class Trainer:
         self.skipped += 1
         self.consecutive_nonfinite += 1
         k = self.run.train.max_consecutive_nonfinite
-        if self.consecutive_nonfinite < k:
-            return
         ids: list = [None] * self.world
         dist.all_gather_object(ids, stats.sample_ids)
+        if self.rank == 0:  # ids as in samples.jsonl: "<dataset>:<annotation line>"
+            samples = sorted({i for rank_ids in ids for i in rank_ids}, key=str)
+            print(
+                f"step {self.step + 1}: loss {loss} / grad norm {grad_norm} non-finite, skipped; samples {samples}"
+            )
+        if self.consecutive_nonfinite < k:
+            return
         raise NonFiniteError(
             f"step {self.step}: loss {loss} / grad norm {grad_norm} non-finite for {k} consecutive steps "
             f"(train.max_consecutive_nonfinite={k}); this step's micro-batches hold sample ids "
