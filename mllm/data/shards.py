@@ -32,19 +32,29 @@ def prepare(
     for spec in load_meta(meta_path):
         try:
             with open(spec.annotation, encoding="utf-8") as f:
-                lines = [ln for ln in f.read().splitlines() if ln.strip()]
+                raw_lines = f.read().splitlines()
         except OSError as e:
             raise ValueError(
                 f"dataset {spec.name!r}: cannot read annotation {spec.annotation} ({e}); fix the meta JSON"
             ) from e
+        # (0-based annotation line, text): sample keys are line numbers, so ids match the meta JSON's.
+        lines = [(i, ln) for i, ln in enumerate(raw_lines) if ln.strip()]
         (out / spec.name).mkdir(exist_ok=True)
         shards, missing = [], 0
         bar = tqdm(total=len(lines), desc=f"prepare {spec.name}", unit="sample", disable=not progress)
         for start in range(0, len(lines), shard_size):
             rel = f"{spec.name}/{spec.name}-{start // shard_size:06d}.tar"
             chunk = lines[start : start + shard_size]
-            missing += _write_shard(out / rel, spec.root, chunk, start)
-            shards.append({"path": rel, "count": len(chunk), "bytes": (out / rel).stat().st_size})
+            missing += _write_shard(out / rel, spec.root, chunk)
+            shards.append(
+                {
+                    "path": rel,
+                    "count": len(chunk),
+                    "bytes": (out / rel).stat().st_size,
+                    "first_line": chunk[0][0],
+                    "last_line": chunk[-1][0],
+                }
+            )
             bar.update(len(chunk))
         bar.close()
         if missing:
@@ -58,6 +68,7 @@ def prepare(
             "data_augment": spec.data_augment,
             "max_dynamic_patch": spec.max_dynamic_patch,
             "length": len(lines),
+            "lines": len(raw_lines),  # annotation lines, blank ones included (repeat_time < 1 cuts these)
             "missing_images": missing,
             "shards": shards,
         }
@@ -65,12 +76,12 @@ def prepare(
     return index
 
 
-def _write_shard(path: Path, root: str, lines: list[str], first_line: int) -> int:
-    """One tar shard; returns the number of missing image files."""
+def _write_shard(path: Path, root: str, lines: list[tuple[int, str]]) -> int:
+    """One tar shard of (line number, text); returns the number of missing image files."""
     missing = 0
     with wds.TarWriter(str(path), encoder=False, mtime=0) as writer:
-        for i, line in enumerate(lines):
-            sample = {"__key__": f"{first_line + i:09d}", "json": line.encode("utf-8")}
+        for line_no, line in lines:
+            sample = {"__key__": f"{line_no:09d}", "json": line.encode("utf-8")}
             record, _ = parse_line(line)
             for j, name in enumerate(image_names(record) if record else []):
                 try:

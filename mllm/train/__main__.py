@@ -7,6 +7,7 @@ group or model is created; a bad config exits with one line naming the key and t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -51,9 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FastPathError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from mllm.data.badsamples import DataQualityError
     from mllm.train.run import run_training
 
-    run_training(run)
+    try:
+        run_training(run)
+    except DataQualityError as exc:  # raised on every rank at the same step: one line, from rank 0
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

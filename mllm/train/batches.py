@@ -16,7 +16,8 @@ class BatchSource(Protocol):
     (its tp and pp ranks) must return the same micro-batches.
 
     Optional: ``load_all_states(states)`` takes the states saved by every rank of a checkpoint (any dp size);
-    the trainer prefers it to ``load_state_dict`` when present (``Trainer._resume_data``).
+    the trainer prefers it to ``load_state_dict`` when present (``Trainer._resume_data``). With ``train.epochs``
+    the source needs ``count_steps()``: the optimizer steps those epochs hold.
     """
 
     def next_micro_batches(self, n: int) -> list[dict[str, Any]]: ...

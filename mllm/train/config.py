@@ -46,6 +46,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 100  # optimizer steps (the schedule's length)
+    # InternVL's num_train_epochs: when set, replaces steps by the optimizer steps of this many epochs of the
+    # data as it is packed (after repeat_time); every sample of an epoch is trained exactly once.
+    epochs: int | None = None
     stop_after: int | None = None  # end this invocation (with a checkpoint) after this many steps in total
     run_dir: str = "runs/default"
     seed: int = 0

@@ -75,8 +75,10 @@ class Trainer:
             self.optimizer = build_adamw(groups, run.optim)
         ckpt_state.init_optimizer_state(self.optimizer)
         self.config_files = checkpoint_config_files(run)
-        self.schedule = LRSchedule(run.optim, run.train.steps)
         self.batches = make_batches(run, self.mesh)
+        if run.train.epochs is not None:  # the data as it will be packed decides the schedule's length
+            run.train.steps = self.batches.count_steps()
+        self.schedule = LRSchedule(run.optim, run.train.steps)
         self.grad_accum = run.train.global_batch_size // (run.data.micro_batch_size * self.mesh.dp)
         self.ckpt = CheckpointManager(
             run.checkpoint.dir or self.run_dir / "checkpoints",
@@ -134,8 +136,8 @@ class Trainer:
 
     def _resume_data(self, path: Path, meta: dict) -> None:
         """Data-loader state from every rank's extra file (this rank's own may not exist after a layout
-        change): sources with ``load_all_states`` resume exactly, or elastically after a dp change; others get
-        this dp rank's state at the same dp size, else the step to restart from."""
+        change): sources with ``load_all_states`` resume exactly under any layout; others get this dp rank's
+        state at the same dp size, else the step to restart from."""
         extras = [torch.load(f, weights_only=False) for f in sorted((path / "extra").glob("rank_*.pt"))]
         load_all = getattr(self.batches, "load_all_states", None)
         if load_all is not None:
@@ -161,15 +163,10 @@ class Trainer:
             run.logging.tensorboard,
             run.logging.progress,
         )
+        if run.train.epochs is not None:
+            logger.message(f"train.epochs={run.train.epochs}: {run.train.steps} optimizer steps")
         if resume_from is not None:
             logger.message(f"resumed from {resume_from} at step {self.step} ({self.mesh.describe()})")
-            summary = getattr(self.batches, "elastic_summary", None)
-            if summary is not None:
-                logger.message(
-                    f"data stream resumed with dp {summary.old_dp} -> {summary.new_dp}: {summary.reread} "
-                    f"samples re-read (they were in packer buffers), {summary.remaining} untrained samples of "
-                    "the interrupted epochs go first"
-                )
         last_loss = float("nan")
         try:
             while self.step < run.train.steps:
@@ -225,10 +222,15 @@ class Trainer:
         self.skipped += 1
         self.consecutive_nonfinite += 1
         k = self.run.train.max_consecutive_nonfinite
-        if self.consecutive_nonfinite < k:
-            return
         ids: list = [None] * self.world
         dist.all_gather_object(ids, stats.sample_ids)
+        if self.rank == 0:  # ids as in samples.jsonl: "<dataset>:<annotation line>"
+            samples = sorted({i for rank_ids in ids for i in rank_ids}, key=str)
+            print(
+                f"step {self.step + 1}: loss {loss} / grad norm {grad_norm} non-finite, skipped; samples {samples}"
+            )
+        if self.consecutive_nonfinite < k:
+            return
         raise NonFiniteError(
             f"step {self.step}: loss {loss} / grad norm {grad_norm} non-finite for {k} consecutive steps "
             f"(train.max_consecutive_nonfinite={k}); this step's micro-batches hold sample ids "

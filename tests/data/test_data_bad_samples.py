@@ -106,3 +106,28 @@ def test_counter_state_and_check():
     assert d.counts() == {"missing_image": 1, "too_long": 1} and d.num_seen == 5
     with pytest.raises(ValueError):
         c.record_bad("a", "no_such_reason", "k")
+
+
+def test_the_rule_judges_a_window_of_recent_samples():
+    """Reference: the hand-counted fractions. The cumulative fraction (10/56 = 18%) would pass; the last 20
+    samples hold 6 rejections (30% > 25%), so the windowed rule fails, and an early cluster below the limit
+    within its window (4/20) passes."""
+    c = BadSampleCounter(max_bad_fraction=0.25, min_samples=20, window=20)
+    pos = 0
+    for good in [False] * 4 + [True] * 46:
+        if good:
+            c.record_ok("a", pos)
+        else:
+            c.record_bad("a", "too_long", f"a:{pos}", pos=pos)
+        pos += 1
+        c.check()
+    for _ in range(5):
+        c.record_bad("a", "too_long", f"a:{pos}", pos=pos)
+        pos += 1
+    c.check()  # 5/20
+    c.record_ok("a", pos)
+    c.record_bad("a", "corrupt_image", f"a:{pos}", count_seen=False, pos=pos)  # found when decoding
+    assert c.num_seen == 56 and c.num_bad == 10
+    with pytest.raises(DataQualityError, match="6 of its last 20 samples") as e:
+        c.check()
+    assert "\n" not in str(e.value) and "data.bad_window" in str(e.value)
