@@ -61,7 +61,13 @@ class Trainer:
         self.run_dir = Path(run.train.run_dir)
         seed_everything(rank_seed(run.train.seed, self.mesh.dp_rank, self.mesh.pp_rank))
         self.pm: ParallelModel = parallelize(
-            run.model, run.parallel, self.mesh, self.device, load_initial_state(run), run.train.seed
+            run.model,
+            run.parallel,
+            self.mesh,
+            self.device,
+            load_initial_state(run),
+            run.train.seed,
+            compute_dtype=self.dtype,
         )
         self.pm.train()
         validate_fast_path(run, self.device.type)
@@ -102,7 +108,10 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def layout(self) -> dict[str, int]:
-        return {"tp": self.mesh.tp, "pp": self.mesh.pp, "dp": self.mesh.dp, "world": self.world}
+        layout = {"tp": self.mesh.tp, "pp": self.mesh.pp, "dp": self.mesh.dp, "world": self.world}
+        if self.mesh.dp_shard > 1:
+            layout["dp_shard"] = self.mesh.dp_shard
+        return layout
 
     def save(self) -> Path:
         extra = {
