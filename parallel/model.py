@@ -94,7 +94,8 @@ class ParallelModel:
 
         Every rank of one data-parallel replica (all its tp and pp ranks) must get the same micro-batches.
         Each micro-batch: input_ids, labels (already shifted) [B, S]; optional segment_ids, position_ids [B, S],
-        pixel_values [N, 3, H, W] and image_flags [N] (its own tiles). Gradients accumulate into ``.grad``
+        pixel_values [N, 3, H, W] (or a callable returning them on first use: tiles just in time) and
+        image_flags [N] (its own tiles). Gradients accumulate into ``.grad``
         (call ``zero_grad`` between optimizer steps) as d(global loss)/d(param) for the global batch.
         """
         mbs = [self._prepare(mb) for mb in micro_batches]
@@ -132,7 +133,7 @@ class ParallelModel:
             )
         if out.get("position_ids") is None:
             out["position_ids"] = default_position_ids(out["input_ids"], out.get("segment_ids"))
-        if out.get("pixel_values") is not None:
+        if isinstance(out.get("pixel_values"), torch.Tensor):
             out["pixel_values"] = out["pixel_values"].to(next(self.module.parameters()).dtype)
         out["weights"] = loss_weights(out["labels"], out.get("segment_ids"), self.pcfg.loss_mode)
         out["n_tokens"] = (out["labels"] != IGNORE_INDEX).sum().float()

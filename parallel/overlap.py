@@ -6,8 +6,10 @@ and once every parameter of a bucket is final the bucket is flattened and all-re
 the backward goes on (the role of DDP's reducer; no reduction for the other micro-batches). Buckets hold
 parameters in reverse registration order (the order the backward produces them) up to
 ``parallel.bucket_size_mb`` and are launched strictly in bucket order, so every dp rank issues the same
-collectives in the same order even when a parameter got no gradient on some rank (it is zero-filled and its
-bucket launched in ``finish``). ``finish`` waits for everything and copies the sums back into ``.grad``.
+collectives in the same order even when a parameter got no gradient on some rank (its zeros take part and its
+bucket is launched in ``finish``). Gradients are views into the flat bucket buffers (DDP's
+``gradient_as_bucket_view``): the backward accumulates into them and the all-reduce runs in place, so the
+reducer costs no memory beyond the gradients themselves. ``finish`` waits for every bucket.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class _Bucket:
     def __init__(self, params: list[nn.Parameter]) -> None:
         self.params = params
         self.ready = 0
-        self.flat: torch.Tensor | None = None
+        self.flat: torch.Tensor | None = None  # allocated at the first step, reused
         self.work = None
 
 
@@ -62,13 +64,27 @@ class GradReducer:
         for p in params:
             self.bucket_of[p] = bucket
 
+    @torch.no_grad()
     def start(self, n_micro: int) -> None:
-        """Expect ``n_micro`` accumulations per parameter in the coming backward passes."""
+        """Expect ``n_micro`` accumulations per parameter in the coming backward passes; gradients become
+        zeroed views into the bucket buffers (the backward accumulates into them in place)."""
+        if not self.enabled:
+            return
         self.expected = n_micro
         self.counts = {}
         self.next_bucket = 0
         for b in self.buckets:
-            b.ready, b.flat, b.work = 0, None, None
+            b.ready, b.work = 0, None
+            if b.flat is None:
+                b.flat = torch.empty(sum(p.numel() for p in b.params), dtype=b.params[0].dtype,
+                                     device=b.params[0].device)  # fmt: skip
+            b.flat.zero_()
+            offset = 0
+            for p in b.params:
+                if p.grad is not None:  # accumulated outside forward_backward: keep it
+                    b.flat[offset : offset + p.numel()].copy_(p.grad.reshape(-1))
+                p.grad = b.flat[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
 
     def _on_grad(self, p: nn.Parameter) -> None:
         if self.expected is None:  # a backward outside forward_backward: nothing to overlap
@@ -86,18 +102,13 @@ class GradReducer:
                 return
             self._launch(bucket)
 
-    @torch.no_grad()
     def _launch(self, bucket: _Bucket) -> None:
-        for p in bucket.params:
-            if p.grad is None:  # unused on this rank this step: every rank must still take part
-                p.grad = torch.zeros_like(p)
-        bucket.flat = torch.cat([p.grad.reshape(-1) for p in bucket.params])
         bucket.work = dist.all_reduce(bucket.flat, group=self.group, async_op=True)
         self.next_bucket += 1
 
     @torch.no_grad()
     def finish(self) -> None:
-        """Launch what the backward left (buckets with unused parameters), wait, write the sums back."""
+        """Launch what the backward left (buckets with unused parameters) and wait for every bucket."""
         if not self.enabled:
             return
         self.launched_early = self.next_bucket
@@ -105,9 +116,9 @@ class GradReducer:
             self._launch(self.buckets[self.next_bucket])
         for bucket in self.buckets:
             bucket.work.wait()
-            offset = 0
+            bucket.work = None
             for p in bucket.params:
-                p.grad.copy_(bucket.flat[offset : offset + p.numel()].view_as(p.grad))
-                offset += p.numel()
-            bucket.flat, bucket.work = None, None
+                storage = bucket.flat.untyped_storage().data_ptr()
+                if p.grad is None or p.grad.untyped_storage().data_ptr() != storage:
+                    raise RuntimeError("a gradient was replaced during the backward; the reducer lost it")
         self.expected = None

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from mllm.train import state as ckpt_state
-from mllm.train.batches import BatchSource, MicroBatchStats, micro_batch_stats, model_inputs
+from mllm.train.batches import BatchSource, MicroBatchStats, PixelFeeder, micro_batch_stats, model_inputs
 from mllm.train.checkpoint import (
     CheckpointManager,
     latest_checkpoint,
@@ -83,6 +83,7 @@ class Trainer:
         self.config_files = checkpoint_config_files(run)
         self.schedule = LRSchedule(run.optim, run.train.steps)
         self.batches = make_batches(run, self.mesh)
+        self.pixels = PixelFeeder(self.device, run.train.pixels_ahead, runs_vision=0 in self.pm.stage_ids)
         self.grad_accum = run.train.global_batch_size // (run.data.micro_batch_size * self.mesh.dp)
         self.ckpt = CheckpointManager(
             run.checkpoint.dir or self.run_dir / "checkpoints",
@@ -214,7 +215,7 @@ class Trainer:
         lr = self.schedule.apply(self.optimizer, self.step)
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         with autocast, forward_context(self.run, self.fp8_amax_group):
-            result = self.pm.forward_backward([model_inputs(mb) for mb in micro])
+            result = self.pm.forward_backward(self.pixels.wrap([model_inputs(mb) for mb in micro]))
         clip = self.run.optim.grad_clip if self.run.optim.grad_clip > 0 else float("inf")
         grad_norm = float(self.pm.clip_grad_norm_(clip))
         loss = float(result.loss)
