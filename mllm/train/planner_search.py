@@ -59,6 +59,8 @@ def candidate_layouts(run: RunConfig, world: int, hw: Hardware) -> list[Parallel
                 for ds in _divisors(dp):
                     reduce_options = [False, True] if ds > 1 and pp == 1 and accum > 1 else [False]
                     for ckpt_vit, ckpt_llm in CHECKPOINTING:
+                        if ckpt_vit and base.freeze_vision:  # a frozen ViT keeps no activations anyway
+                            continue
                         for reduce_every in reduce_options:
                             out.append(
                                 dataclasses.replace(
