@@ -63,6 +63,9 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 3  # stop after this many skipped (NaN/inf) steps in a row
     dry_run: bool = False  # print layout, memory and FLOPs on the meta device, then exit
     compile: bool = False  # torch.compile every ViT block and decoder layer (mllm.kernels.compile)
+    # Pixels just in time: micro-batches whose tiles are copied to the device ahead of the running one
+    # (mllm.train.batches.PixelFeeder); only ranks that run the ViT receive tiles.
+    pixels_ahead: int = 1
 
 
 @dataclass

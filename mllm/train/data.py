@@ -7,10 +7,11 @@ the layout. Rejections found while decoding are all-gathered once per step so
 every rank counts the same; with ``data.log_samples`` rank 0 writes each step's global batch to
 ``RUN_DIR/samples.jsonl``.
 
-Pixels leave the loader as uint8 tiles; on GPU they are pinned, copied with ``non_blocking=True`` and
-normalized on the device (a quarter of the host-device traffic of fp32 tiles, no CPU normalization). The
-loader prefetches at least one optimizer step's micro-batches, because the trainer takes all of a step's
-micro-batches before its first forward.
+Pixels leave the loader as uint8 tiles and stay on the host (pinned on GPU): the trainer's
+``mllm.train.batches.PixelFeeder`` copies a micro-batch's tiles to the device right before its vision forward
+(``non_blocking``, a quarter of the traffic of fp32 tiles) and normalizes them there. The other tensors go to
+the device here. The loader prefetches at least one optimizer step's micro-batches, because the trainer takes
+all of a step's micro-batches before its first forward.
 """
 
 from __future__ import annotations
@@ -34,16 +35,18 @@ MAX_STEP_PREFETCH = 64  # micro-batches; beyond that, prefetching more only cost
 SAMPLES_FILE = "samples.jsonl"
 
 
-def batch_to_dict(batch: PackedBatch) -> dict[str, Any]:
-    """Model inputs with pixels normalized to fp32 on the batch's device (autocast lowers them on GPU) and
-    flat sample ids."""
+def batch_to_dict(batch: PackedBatch, normalize: bool = True) -> dict[str, Any]:
+    """Model inputs and flat sample ids; tiles normalized to fp32 on the batch's device, or left uint8 with
+    ``normalize=False`` (the trainer's ``PixelFeeder`` normalizes them on the device just in time)."""
     pixels = batch.pixel_values
+    if pixels is not None and pixels.numel() and normalize:
+        pixels = normalize_pixels(pixels)
     return {
         "input_ids": batch.input_ids,
         "labels": batch.labels,
         "segment_ids": batch.segment_ids,
         "position_ids": batch.position_ids,
-        "pixel_values": normalize_pixels(pixels) if pixels is not None and pixels.numel() else None,
+        "pixel_values": pixels if pixels is not None and pixels.numel() else None,
         "image_flags": batch.image_flags if pixels is not None and pixels.numel() else None,
         "sample_ids": [i for row in batch.sample_ids for i in row],
     }
@@ -109,7 +112,7 @@ class DataLoaderSource:
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
     def next_micro_batches(self, n: int) -> list[dict[str, Any]]:
-        micro = [batch_to_dict(self._to_device(next(self.loader))) for _ in range(n)]
+        micro = [batch_to_dict(self._to_device(next(self.loader)), normalize=False) for _ in range(n)]
         if self.samples_file is not None:
             line = {"step": self.loader.steps, "samples": self.loader.last_step_samples}
             with open(self.samples_file, "a", encoding="utf-8") as f:
@@ -121,9 +124,12 @@ class DataLoaderSource:
         return self.loader.count_steps()
 
     def _to_device(self, batch: PackedBatch) -> PackedBatch:
+        """Everything but the tiles to the device; the tiles pinned for the trainer's asynchronous copy."""
         if self.device.type != "cuda":
             return batch
-        return batch.pin_memory().to(self.device, non_blocking=True)
+        pixels = batch.pixel_values
+        moved = dataclasses.replace(batch, pixel_values=None).pin_memory().to(self.device, non_blocking=True)
+        return dataclasses.replace(moved, pixel_values=None if pixels is None else pixels.pin_memory())
 
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from mllm.train import state as ckpt_state
-from mllm.train.batches import BatchSource, MicroBatchStats, micro_batch_stats, model_inputs
+from mllm.train.batches import BatchSource, MicroBatchStats, PixelFeeder, micro_batch_stats, model_inputs
 from mllm.train.checkpoint import (
     CheckpointManager,
     latest_checkpoint,
@@ -61,7 +61,13 @@ class Trainer:
         self.run_dir = Path(run.train.run_dir)
         seed_everything(rank_seed(run.train.seed, self.mesh.dp_rank, self.mesh.pp_rank))
         self.pm: ParallelModel = parallelize(
-            run.model, run.parallel, self.mesh, self.device, load_initial_state(run), run.train.seed
+            run.model,
+            run.parallel,
+            self.mesh,
+            self.device,
+            load_initial_state(run),
+            run.train.seed,
+            compute_dtype=self.dtype,
         )
         self.pm.train()
         validate_fast_path(run, self.device.type)
@@ -79,6 +85,7 @@ class Trainer:
         if run.train.epochs is not None:  # the data as it will be packed decides the schedule's length
             run.train.steps = self.batches.count_steps()
         self.schedule = LRSchedule(run.optim, run.train.steps)
+        self.pixels = PixelFeeder(self.device, run.train.pixels_ahead, runs_vision=0 in self.pm.stage_ids)
         self.grad_accum = run.train.global_batch_size // (run.data.micro_batch_size * self.mesh.dp)
         self.ckpt = CheckpointManager(
             run.checkpoint.dir or self.run_dir / "checkpoints",
@@ -104,7 +111,10 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def layout(self) -> dict[str, int]:
-        return {"tp": self.mesh.tp, "pp": self.mesh.pp, "dp": self.mesh.dp, "world": self.world}
+        layout = {"tp": self.mesh.tp, "pp": self.mesh.pp, "dp": self.mesh.dp, "world": self.world}
+        if self.mesh.dp_shard > 1:
+            layout["dp_shard"] = self.mesh.dp_shard
+        return layout
 
     def save(self) -> Path:
         extra = {
@@ -202,7 +212,7 @@ class Trainer:
         lr = self.schedule.apply(self.optimizer, self.step)
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         with autocast, forward_context(self.run, self.fp8_amax_group):
-            result = self.pm.forward_backward([model_inputs(mb) for mb in micro])
+            result = self.pm.forward_backward(self.pixels.wrap([model_inputs(mb) for mb in micro]))
         clip = self.run.optim.grad_clip if self.run.optim.grad_clip > 0 else float("inf")
         grad_norm = float(self.pm.clip_grad_norm_(clip))
         loss = float(result.loss)

@@ -14,6 +14,7 @@ from mllm.model.lora import LoraConfig, freeze_adapted_parts, is_adapter_name
 from mllm.model.loss import IGNORE_INDEX, reference_loss
 from parallel import ParallelConfig, build_mesh, build_optimizer, parallelize
 from parallel.build import is_frozen_name
+from parallel.fsdp import full_tp_local, is_sharded
 from parallel.optim import param_groups
 
 SEQ = 16
@@ -144,6 +145,7 @@ def compare_grads(rank: int, world: int, cfg_kwargs: dict, pcfg_kwargs: dict, n_
         "extra": sorted(set(grads) - set(ref_grads)),
         "frozen_with_grad": frozen_with_grad,
         "num_grads": len(errs),
+        "fsdp_params": sum(is_sharded(p) for _, p in pm.named_parameters()),
         "top": [(n, round(e, 3)) for n, e in errs.items() if e > 1e-5],
         "num_tokens": result.num_tokens,
         "llm_seq_per_rank": seen_seq[0],
@@ -203,7 +205,7 @@ def _dummy_head_max(pm) -> float:
         mask = spec.real_mask(pm.tp) if spec is not None else None
         if mask is None:
             continue
-        pad = p.detach().index_select(spec.dim, (~mask).nonzero().flatten())
+        pad = full_tp_local(p.detach()).index_select(spec.dim, (~mask).nonzero().flatten())
         if pad.numel():
             worst = max(worst, float(pad.abs().max()))
     return worst

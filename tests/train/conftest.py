@@ -31,6 +31,7 @@ WORLD2 = [
     ("layout_invariance", "test_layout_invariance:on_two_ranks", ()),
     ("lora_export", "test_lora_export:train_lora_tp2", ()),
     ("family_twins", "test_family_twins:import_train_one_step", ()),
+    ("fsdp_resume", "test_fsdp_train:dp_shard_resume", ()),
 ]
 WORLD4 = [
     ("tp2xpp2", "test_resume:straight_vs_resumed", (["parallel.tp=2", "parallel.pp=2"],)),
