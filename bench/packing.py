@@ -39,7 +39,14 @@ def image_tiles(rng: np.random.Generator, budget: int) -> int:
     return num_tiles(select_grid(w, max(h, 1), 1, budget), True)
 
 
-def make_stream(seed: int, n: int) -> list[tuple[int, int]]:
+def make_stream(
+    seed: int,
+    n: int,
+    seq: int = SEQ,
+    max_tiles_row: int = MAX_TILES_ROW,
+    img_tokens: int = IMG_TOKENS,
+    max_patch: int = 12,
+) -> list[tuple[int, int]]:
     """(tokens, tiles) of an SFT-like mix; samples longer than a row are dropped (the loader rejects them)."""
     rng = np.random.default_rng(seed)
     out = []
@@ -47,9 +54,9 @@ def make_stream(seed: int, n: int) -> list[tuple[int, int]]:
         text = int(np.exp(rng.uniform(np.log(30), np.log(4000))))
         kind = rng.random()
         n_img = 0 if kind < 0.15 else (int(rng.integers(2, 5)) if kind < 0.25 else 1)
-        tiles = [image_tiles(rng, per_image_max_tiles(12, n_img)) for _ in range(n_img)]
-        tokens = text + sum(IMG_TOKENS * t + 2 for t in tiles)
-        if tokens <= SEQ and sum(tiles) <= MAX_TILES_ROW:
+        tiles = [image_tiles(rng, per_image_max_tiles(max_patch, n_img)) for _ in range(n_img)]
+        tokens = text + sum(img_tokens * t + 2 for t in tiles)
+        if tokens <= seq and sum(tiles) <= max_tiles_row:
             out.append((tokens, sum(tiles)))
     return out
 
