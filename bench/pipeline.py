@@ -7,8 +7,8 @@ its samples' attention, the frozen parts of the recipe); the schedule is simulat
 and the step takes as long as the slowest replica. ``efficiency`` = ideal / simulated step time, the ideal being
 the replicas' mean work spread evenly over pp ranks with no bubble (so it also counts dp imbalance).
 
-- baseline (today): ViT + projector on stage 0, LLM layers by ``balance_layers``, 1F1B, packing without a tile
-  target.
+- baseline (today's placement): ViT + projector on stage 0, LLM layers balanced around it, 1F1B, packing
+  without a tile target.
 - ours: ``best_stage_split`` (ViT layers across the leading stages, balanced per physical rank) with the
   tile-balanced packer (``tiles_per_row=-1``: the mix's own tiles per row), the better of 1F1B and interleaved
   1F1B (2 virtual stages). ``vit_pad`` is the share of padded tiles in the ViT activations sent between stages
@@ -34,7 +34,6 @@ from packing import make_stream  # noqa: E402
 from mllm.config import load_run_config  # noqa: E402
 from mllm.data.packing import FlopModel, Packer, row_level  # noqa: E402
 from mllm.train.flops import TrainedParts  # noqa: E402
-from parallel.pipeline import balance_layers  # noqa: E402
 from parallel.pipeline_sim import simulate  # noqa: E402
 from parallel.stage_split import Split, best_stage_split, unit_costs  # noqa: E402
 
@@ -120,22 +119,22 @@ def main() -> None:
         dp = max(1, args.gpus // (pcfg.tp * pp))
         n_micro = max(1, run.train.global_batch_size // (dp * data.micro_batch_size))
         n_rows = n_micro * data.micro_batch_size * args.steps
-        streams = {}
+        streams, mean_tiles = {}, {}
         for name, target in (("today", 0), ("tiles", -1)):
             packed = [pack_rows(7000 + r, n_rows, data, target) for r in range(dp)]
             mbs = [micro_batches(rows, data.micro_batch_size) for rows in packed]
             streams[name] = [[m[i : i + n_micro] for i in range(0, len(m), n_micro)] for m in mbs]
-            streams[name + "_tiles"] = float(
-                np.mean([len(r) and sum(t for _, t in r) for p in packed for r in p])
-            )
-        today = Split(pp, (_vit_layers(cfg),) + (0,) * (pp - 1), tuple(balance_layers(cfg, pp)))
+            mean_tiles[name] = float(np.mean([sum(t for _, t in row) for rows in packed for row in rows]))
+        today = best_stage_split(
+            cfg, pp, 1, mean_tiles["today"], data.seq_len, data.micro_batch_size, False, parts=parts
+        )
         base = run_layout(cfg, data, parts, today, "1f1b", 1, streams["today"])
         candidates = []
         for virtual in (1, 2):
             if cfg.text.num_layers < pp * virtual or (virtual > 1 and n_micro % pp):
                 continue
             split = best_stage_split(
-                cfg, pp, virtual, streams["tiles_tiles"], data.seq_len, data.micro_batch_size, parts=parts
+                cfg, pp, virtual, mean_tiles["tiles"], data.seq_len, data.micro_batch_size, parts=parts
             )
             schedule = "1f1b" if virtual == 1 else "interleaved_1f1b"
             candidates.append(run_layout(cfg, data, parts, split, schedule, virtual, streams["tiles"]))
@@ -166,10 +165,6 @@ def main() -> None:
             }
         )
     )
-
-
-def _vit_layers(cfg) -> int:
-    return unit_costs(cfg, 1, 1).vit_layers
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def unit_costs(
     per sample; default: one sample per row)."""
     mult = multipliers_for(parts or TrainedParts())
     v, t = cfg.vision, cfg.text
-    n_vit = _vit_layers_run(cfg)
+    n_vit = vit_layers_run(cfg)
     vit_gemm, vit_attn = vision_forward_flops_per_tile(v)
     patch = 2 * v.num_patches * (v.num_channels * v.patch_size**2) * v.hidden_size
     per_layer_gemm, per_layer_attn = (vit_gemm - patch) / v.num_layers, vit_attn / v.num_layers
@@ -86,7 +86,7 @@ def unit_costs(
     )
 
 
-def _vit_layers_run(cfg: ModelConfig) -> int:
+def vit_layers_run(cfg: ModelConfig) -> int:
     n = cfg.vision.num_layers
     return cfg.select_layer if cfg.select_layer >= 0 else n + 1 + cfg.select_layer
 
@@ -154,17 +154,6 @@ def _valid(cuts: list[int], costs: UnitCosts) -> bool:
     return split.llm_layers[-1] > 0
 
 
-def _objective(cuts: list[int], costs: UnitCosts, units: list[float], pp: int) -> tuple[float, float, float]:
-    prefix = [0.0]
-    for u in units:
-        prefix.append(prefix[-1] + u)
-    stages = [prefix[b] - prefix[a] for a, b in zip(cuts[:-1], cuts[1:])]
-    ranks = [0.0] * pp
-    for s, c in enumerate(stages):
-        ranks[s % pp] += c
-    return (max(ranks), max(stages), sum(c * c for c in stages))
-
-
 def _min_max_cuts(units: list[float], num_stages: int) -> list[int]:
     """Contiguous split of ``units`` minimizing the costliest stage (then the sum of squares): exact DP."""
     n = len(units)
@@ -206,24 +195,37 @@ def _joint_cuts(costs: UnitCosts, num_stages: int, pp: int) -> list[int]:
 
 
 def _improve_per_rank(cuts: list[int], costs: UnitCosts, pp: int, first_cut_min: int) -> list[int]:
-    """Move single stage boundaries while the (busiest rank, costliest stage, spread) objective drops. Stage 0
-    keeps at least ``first_cut_min`` units; the projector never starts a stage (it stays with the ViT)."""
+    """Move one or two stage boundaries by one unit while the (busiest rank, costliest stage, spread)
+    objective drops (pairs matter with virtual stages: a unit leaves a rank only through a neighbouring stage).
+    Stage 0 keeps at least ``first_cut_min`` units; the projector never starts a stage (it stays with the ViT).
+    """
     units, nv = costs.units(), costs.vit_layers
-    best = _objective(cuts, costs, units, pp)
+    prefix = [0.0]
+    for u in units:
+        prefix.append(prefix[-1] + u)
+
+    def objective(c: list[int]) -> tuple[float, float, float]:
+        stages = [prefix[b] - prefix[a] for a, b in zip(c[:-1], c[1:])]
+        ranks = [sum(stages[r::pp]) for r in range(pp)]
+        return (max(ranks), max(stages), sum(x * x for x in stages))
+
+    def ok(c: list[int]) -> bool:
+        ordered = all(a < b for a, b in zip(c[:-1], c[1:]))
+        return ordered and c[1] >= first_cut_min and not (nv and nv in c[1:-1]) and _valid(c, costs)
+
+    inner = range(1, len(cuts) - 1)
+    moves = [((i, d),) for i in inner for d in (-1, 1)]
+    moves += [((i, d), (j, e)) for i in inner for j in inner if i < j for d in (-1, 1) for e in (-1, 1)]
+    best = objective(cuts)
     improved = True
     while improved:
         improved = False
-        for i in range(1, len(cuts) - 1):
-            for step in (-1, 1):
-                trial = list(cuts)
-                trial[i] += step
-                if not trial[i - 1] < trial[i] < trial[i + 1] or trial[1] < first_cut_min:
-                    continue
-                if (nv and trial[i] == nv) or not _valid(trial, costs):
-                    continue
-                value = _objective(trial, costs, units, pp)
-                if value < best:
-                    best, cuts, improved = value, trial, True
+        for move in moves:
+            trial = list(cuts)
+            for i, d in move:
+                trial[i] += d
+            if ok(trial) and (value := objective(trial)) < best:
+                best, cuts, improved = value, trial, True
     return cuts
 
 
