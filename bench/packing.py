@@ -1,8 +1,9 @@
-"""Packing benchmark: fill and dp balance of the FLOP-balanced packer vs naive padding and greedy first-fit.
+"""Packing benchmark: fill and dp balance of the FLOP-balanced packer vs naive padding and greedy first-fit,
+and of the tile-balanced packer (``tiles_per_row=-1``), with the coefficient of variation of tiles per row.
 
 Synthetic SFT-like mix (tiles 1..12 with thumbnail, text 30..4000 tokens, some text-only and multi-image
 samples), rows of 8192 tokens, 8 dp ranks each packing its own stream; a step gives every rank its next row.
-Prints a table and a final JSON line with `fill`, `dp_imbalance` and the packer's samples/s.
+Prints a table and a final JSON line with `fill`, `dp_imbalance`, `tiles_cv` and the packer's samples/s.
 
     .venv/bin/python bench/packing.py [--samples-per-rank 3000]
 """
@@ -83,8 +84,10 @@ def first_fit_rows(stream: list[tuple[int, int]], window: int = 32) -> list[list
     return rows
 
 
-def balanced_rows(stream: list[tuple[int, int]], flops: FlopModel, buffer: int = 256) -> list[list[int]]:
-    packer = Packer(SEQ, MAX_TILES_ROW, flops, buffer_size=buffer)
+def balanced_rows(
+    stream: list[tuple[int, int]], flops: FlopModel, buffer: int = 256, tiles_per_row: int = 0
+) -> list[list[int]]:
+    packer = Packer(SEQ, MAX_TILES_ROW, flops, buffer_size=buffer, tiles_per_row=tiles_per_row)
     rows = []
     for i, (tok, til) in enumerate(stream):
         packer.add(i, tok, til)
@@ -96,7 +99,7 @@ def balanced_rows(stream: list[tuple[int, int]], flops: FlopModel, buffer: int =
 def evaluate(streams, rows_per_rank, flops: FlopModel) -> dict:
     steps = min(len(r) for r in rows_per_rank)
     fill_num = fill_den = 0
-    ratios = []
+    ratios, row_tiles = [], []
     for s in range(steps):
         step_flops = []
         for rank in range(RANKS):
@@ -106,8 +109,15 @@ def evaluate(streams, rows_per_rank, flops: FlopModel) -> dict:
             fill_num += int(tok.sum())
             fill_den += SEQ
             step_flops.append(float(np.sum(flops.sample(tok, til))))
+            row_tiles.append(int(til.sum()))
         ratios.append(max(step_flops) / np.mean(step_flops))
-    return {"fill": fill_num / fill_den, "dp_imbalance": float(np.mean(ratios)), "steps": steps}
+    cv = float(np.std(row_tiles) / np.mean(row_tiles))
+    return {
+        "fill": fill_num / fill_den,
+        "dp_imbalance": float(np.mean(ratios)),
+        "steps": steps,
+        "tiles_cv": cv,
+    }
 
 
 def main() -> None:
@@ -122,6 +132,7 @@ def main() -> None:
         ("naive padding", naive_rows),
         ("greedy first-fit", first_fit_rows),
         ("flop-balanced", lambda s: balanced_rows(s, flops, args.buffer)),
+        ("tile-balanced", lambda s: balanced_rows(s, flops, args.buffer, tiles_per_row=-1)),
     ):
         t0 = time.perf_counter()
         rows = [fn(s) for s in streams]
@@ -129,11 +140,13 @@ def main() -> None:
         res = evaluate(streams, rows, flops)
         res["samples_per_s"] = sum(len(s) for s in streams) / dt
         results[name] = res
-    print(f"{'packer':<18} {'fill':>7} {'dp_imbalance':>13} {'steps':>6} {'samples/s':>10}")
+    print(f"{'packer':<18} {'fill':>7} {'dp_imbalance':>13} {'tiles_cv':>9} {'steps':>6} {'samples/s':>10}")
     for name, r in results.items():
         print(
-            f"{name:<18} {r['fill']:7.4f} {r['dp_imbalance']:13.4f} {r['steps']:6d} {r['samples_per_s']:10.0f}"
+            f"{name:<18} {r['fill']:7.4f} {r['dp_imbalance']:13.4f} {r['tiles_cv']:9.4f} {r['steps']:6d} "
+            f"{r['samples_per_s']:10.0f}"
         )
+    tiled = results["tile-balanced"]
     ours = results["flop-balanced"]
     print(
         json.dumps(
@@ -141,6 +154,10 @@ def main() -> None:
                 "fill": round(ours["fill"], 4),
                 "dp_imbalance": round(ours["dp_imbalance"], 4),
                 "samples_per_s": round(ours["samples_per_s"]),
+                "tiles_cv": round(ours["tiles_cv"], 4),
+                "tile_balanced_fill": round(tiled["fill"], 4),
+                "tile_balanced_dp_imbalance": round(tiled["dp_imbalance"], 4),
+                "tile_balanced_tiles_cv": round(tiled["tiles_cv"], 4),
                 "first_fit_fill": round(results["greedy first-fit"]["fill"], 4),
                 "first_fit_dp_imbalance": round(results["greedy first-fit"]["dp_imbalance"], 4),
                 "naive_fill": round(results["naive padding"]["fill"], 4),

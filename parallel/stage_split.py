@@ -25,6 +25,7 @@ from mllm.train.flops import (
     projector_forward_flops_per_tile,
     vision_forward_flops_per_tile,
 )
+from parallel.pipeline_sim import simulate
 
 
 @dataclass(frozen=True)
@@ -180,8 +181,8 @@ def _min_max_cuts(units: list[float], num_stages: int) -> list[int]:
 
 
 def _joint_cuts(costs: UnitCosts, num_stages: int, pp: int) -> list[int]:
-    """DP start (min-max stage), then moving single boundaries while the (rank, stage, spread) objective drops:
-    with virtual stages the busiest rank, not the busiest stage, bounds the step."""
+    """DP start (min-max stage), then the per-rank refinement: with virtual stages the busiest rank, not the
+    busiest stage, bounds the step."""
     units = costs.units()
     # The projector may not start a stage of its own ahead of the ViT's last layer: merge it into that layer.
     nv = costs.vit_layers
@@ -190,11 +191,32 @@ def _joint_cuts(costs: UnitCosts, num_stages: int, pp: int) -> list[int]:
     cuts = [c + 1 if nv and c >= nv else c for c in cuts]  # back to unit indices (projector re-inserted)
     cuts[-1] = len(units)
     if not _valid(cuts, costs):
-        cuts = _llm_only_cuts(costs, num_stages, pp)
-    return _improve_per_rank(cuts, costs, pp, first_cut_min=1)
+        return _llm_only_cuts(costs, num_stages, pp)
+    return _refine(cuts, costs, pp, first_cut_min=1)
 
 
-def _improve_per_rank(cuts: list[int], costs: UnitCosts, pp: int, first_cut_min: int) -> list[int]:
+def _refine(cuts: list[int], costs: UnitCosts, pp: int, first_cut_min: int) -> list[int]:
+    """Per-rank local search from the stage-balanced ``cuts`` with the costliest stage capped at 0, 5, 10%
+    above its optimum or not at all; the candidate with the shortest simulated step on identical micro-batches
+    wins (a perfect per-rank balance that piles work onto one stage stalls the schedule)."""
+    units = costs.units()
+    cap = max(sum(units[a:b]) for a, b in zip(cuts[:-1], cuts[1:]))
+    candidates = [cuts] + [
+        _improve_per_rank(cuts, costs, pp, first_cut_min, cap * tol) for tol in (1.0, 1.05, 1.1, float("inf"))
+    ]
+    virtual = (len(cuts) - 1) // pp
+    schedule = "1f1b" if virtual == 1 else "interleaved_1f1b"
+
+    def step(c: list[int]) -> float:
+        per_stage = split_from_cuts(c, costs, pp).stage_costs(costs)
+        return simulate(schedule, pp, virtual, [per_stage] * (4 * pp)).step
+
+    return min(candidates, key=step)
+
+
+def _improve_per_rank(
+    cuts: list[int], costs: UnitCosts, pp: int, first_cut_min: int, stage_cap: float
+) -> list[int]:
     """Move one or two stage boundaries by one unit while the (busiest rank, costliest stage, spread)
     objective drops (pairs matter with virtual stages: a unit leaves a rank only through a neighbouring stage).
     Stage 0 keeps at least ``first_cut_min`` units; the projector never starts a stage (it stays with the ViT).
@@ -211,7 +233,10 @@ def _improve_per_rank(cuts: list[int], costs: UnitCosts, pp: int, first_cut_min:
 
     def ok(c: list[int]) -> bool:
         ordered = all(a < b for a, b in zip(c[:-1], c[1:]))
-        return ordered and c[1] >= first_cut_min and not (nv and nv in c[1:-1]) and _valid(c, costs)
+        capped = all(prefix[b] - prefix[a] <= stage_cap for a, b in zip(c[:-1], c[1:]))
+        return (
+            ordered and capped and c[1] >= first_cut_min and not (nv and nv in c[1:-1]) and _valid(c, costs)
+        )
 
     inner = range(1, len(cuts) - 1)
     moves = [((i, d),) for i in inner for d in (-1, 1)]
@@ -236,7 +261,7 @@ def _llm_only_cuts(costs: UnitCosts, num_stages: int, pp: int) -> list[int]:
     head = [sum(units[: nv + 2])] + units[nv + 2 :]  # ViT + projector + first LLM layer as one unit
     cuts = _min_max_cuts(head, num_stages)
     cuts = [0] + [c + nv + 1 for c in cuts[1:]]
-    return _improve_per_rank(cuts, costs, pp, first_cut_min=nv + 2)
+    return _refine(cuts, costs, pp, first_cut_min=nv + 2)
 
 
 def best_stage_split(

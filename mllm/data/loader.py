@@ -182,7 +182,13 @@ class PackedLoader:
 
     def _new_packer(self) -> Packer:
         cfg = self.cfg
-        return Packer(cfg.seq_len, cfg.max_tiles_per_row, self.flops, buffer_size=cfg.pack_buffer)
+        return Packer(
+            cfg.seq_len,
+            cfg.max_tiles_per_row,
+            self.flops,
+            buffer_size=cfg.pack_buffer,
+            tiles_per_row=cfg.tiles_per_row,
+        )
 
     def _merged_bad(self, state: dict) -> BadSampleCounter:
         merged = BadSampleCounter(self.cfg.max_bad_fraction, self.cfg.min_samples_for_bad_check)

@@ -168,6 +168,8 @@ class Packer:
         lo = row.room - self.slack
         t, n, f = tokens[cand], tiles[cand], flops[cand]
         single = t >= lo
+        if target_tiles:  # only completions that land within target +- 1 tiles
+            single &= np.abs(row.tiles + n - target_tiles) <= 1
         if single.any():
             idx = np.flatnonzero(single)
             miss = self._miss(row.flops + f[idx], row.target)
@@ -178,6 +180,8 @@ class Packer:
         if target_tiles:
             tile_room = min(tile_room, max(0, target_tiles + 1 - row.tiles))
         ok = (pair_t >= lo) & (pair_t <= row.room) & (n[:, None] + n[None, :] <= tile_room)
+        if target_tiles:
+            ok &= np.abs(row.tiles + n[:, None] + n[None, :] - target_tiles) <= 1
         ok &= np.triu(np.ones_like(ok), 1)
         if not ok.any():
             return None
