@@ -43,7 +43,9 @@ def build_rank_skeleton(model_cfg: ModelConfig, pcfg: ParallelConfig, mesh: Para
     backend = get_layer_backend(pcfg.layer_backend)
     with torch.device("meta"):
         model = InternVLModel(model_cfg)
-        specs, sp_params = parallelize_model_tp(model, model_cfg, tp, backend, pcfg.sequence_parallel)
+        specs, sp_params = parallelize_model_tp(
+            model, model_cfg, tp, backend, pcfg.sequence_parallel, pcfg.vision_sequence_parallel
+        )
     split = resolve_split(model_cfg, pcfg)
     stage_ids = stages_of_pp_rank(mesh.pp_rank, pcfg)
     stage_layers = [stage_layer_indices(list(split.llm_layers), s) for s in stage_ids]

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from mllm.model.config import ModelConfig
 
-PP_SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
+PP_SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe", "interleaved_zero_bubble")
+VIRTUAL_SCHEDULES = ("interleaved_1f1b", "interleaved_zero_bubble")
 STAGE_SPLITS = ("llm", "joint")
 LOSS_MODES = ("token", "sample", "square")
 
@@ -39,6 +40,7 @@ class ParallelConfig:
     balance_seq_len: int = 4096  # tokens per micro-batch assumed by the auto balance (attention term)
     vision_layers_per_stage: list[int] | None = None
     stage_split: str = "llm"  # "llm" | "joint"
+    vision_sequence_parallel: bool = False  # ViT tile tokens split over tp between GEMMs (parallel.vision_sp)
     shard_optimizer: bool = False
     activation_checkpointing_vision: bool = False
     activation_checkpointing_llm: bool = False
@@ -93,12 +95,13 @@ def validate_layout(model_cfg: ModelConfig, pcfg: ParallelConfig, world_size: in
     )
     _check(pcfg.pp_schedule in PP_SCHEDULES, f"parallel.pp_schedule must be one of {PP_SCHEDULES}")
     _check(pcfg.loss_mode in LOSS_MODES, f"parallel.loss_mode must be one of {LOSS_MODES}")
-    if pcfg.pp_schedule == "interleaved_1f1b":
-        _check(pcfg.virtual_stages >= 2, "parallel.pp_schedule=interleaved_1f1b needs virtual_stages >= 2")
+    if pcfg.pp_schedule in VIRTUAL_SCHEDULES:
+        _check(pcfg.virtual_stages >= 2, f"parallel.pp_schedule={pcfg.pp_schedule} needs virtual_stages >= 2")
     else:
         _check(
             pcfg.virtual_stages == 1,
-            f"parallel.virtual_stages={pcfg.virtual_stages} needs pp_schedule=interleaved_1f1b",
+            f"parallel.virtual_stages={pcfg.virtual_stages} needs pp_schedule=interleaved_1f1b or "
+            "interleaved_zero_bubble",
         )
     _check(
         not (t.tie_word_embeddings and pp > 1),
@@ -122,6 +125,16 @@ def validate_layout(model_cfg: ModelConfig, pcfg: ParallelConfig, world_size: in
         )
         if pcfg.vision_layers_per_stage is None:
             _check(min(lps) >= 1, f"parallel.layers_per_stage {lps}: every stage needs at least one layer")
+    if pcfg.vision_sequence_parallel and tp > 1:
+        _check(
+            v.drop_path_rate == 0.0,
+            f"parallel.vision_sequence_parallel with model.vision.drop_path_rate={v.drop_path_rate}: drop path "
+            "draws one mask per tile, which a token chunk cannot; set drop_path_rate=0 or turn it off",
+        )
+        _check(
+            pcfg.layer_backend == "torch",
+            "parallel.vision_sequence_parallel needs parallel.layer_backend=torch",
+        )
     _check(pcfg.stage_split in STAGE_SPLITS, f"parallel.stage_split must be one of {STAGE_SPLITS}")
     if pcfg.vision_layers_per_stage is not None:
         _validate_vision_split(model_cfg, pcfg)

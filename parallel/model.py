@@ -150,9 +150,9 @@ class ParallelModel:
                 f"under pipeline parallelism all micro-batches need one [B, S] shape, got {shapes}"
             )
         n = len(mbs)
-        if self.pcfg.pp_schedule == "interleaved_1f1b" and n % self.mesh.pp:
+        if self.pcfg.virtual_stages > 1 and n % self.mesh.pp:
             raise ValueError(
-                f"interleaved_1f1b needs a micro-batch count divisible by pp={self.mesh.pp}, got {n}"
+                f"{self.pcfg.pp_schedule} needs a micro-batch count divisible by pp={self.mesh.pp}, got {n}"
             )
         key = (n, shapes.pop(), self.pcfg.sequence_parallel, self._set_tile_budget(mbs))
         if key not in self._schedules:

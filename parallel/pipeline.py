@@ -16,6 +16,8 @@ the same [B, S] under pp (packed rows of fixed length); a new shape builds (and 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +31,7 @@ from parallel.comm import scatter_to_sequence_parallel
 from parallel.config import ParallelConfig
 from parallel.layers import TPInfo
 from parallel.stage_split import Split, best_stage_split, vit_layers_run
+from parallel.vision_sp import enter_vision_sequence_parallel, leave_vision_sequence_parallel
 
 
 def resolve_split(cfg: ModelConfig, pcfg: ParallelConfig) -> Split:
@@ -102,6 +105,7 @@ class StageModule(nn.Module):
         if vision_layers is None:  # the whole ViT with the projector
             vision_layers = list(range(model.vision.num_layers_run)) if self.has_projector else []
         self.sequence_parallel = pcfg.sequence_parallel
+        self.vision_sp = pcfg.vision_sequence_parallel and tp.size > 1
         self.ckpt_vision = pcfg.activation_checkpointing_vision
         self.ckpt_llm = pcfg.activation_checkpointing_llm
         self.tile_budget = 0  # set per step by ParallelModel when the ViT spans stages
@@ -119,23 +123,32 @@ class StageModule(nn.Module):
             self.norm, self.lm_head = model.llm.norm, model.lm_head
 
     def run_vision(self, x: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        """This stage's ViT pieces on the real tiles. A frozen prefix (embeddings, layers) runs without
-        autograd (only on stage 0: validation keeps a trainable layer there when the ViT spans stages)."""
+        """This stage's ViT pieces on the real tiles (with ViT sequence parallelism: on this rank's token chunk,
+        tiles padded to ``tile_budget`` when the ViT spans stages). A frozen prefix (embeddings, layers) runs
+        without autograd (only on stage 0: validation keeps a trainable layer there when the ViT spans stages).
+        """
         n_tiles = pixel_values.shape[0]
         if self.is_first:
             pieces, x = [self.vision_embeddings, *self.vision_layers], pixel_values
         else:
-            pieces, x = list(self.vision_layers), x[:n_tiles]
+            pieces, x = list(self.vision_layers), x if self.vision_sp else x[:n_tiles]
         frozen = 0
         while frozen < len(pieces) and _all_frozen(pieces[frozen]):
             frozen += 1
-        with torch.no_grad():
-            for piece in pieces[:frozen]:
-                x = piece(x)
-        for piece in pieces[frozen:]:
-            use_ckpt = self.ckpt_vision and piece is not self.vision_embeddings and torch.is_grad_enabled()
-            x = checkpoint(piece, x, use_reentrant=False) if use_ckpt else piece(x)
+        for i, piece in enumerate(pieces):
+            with torch.no_grad() if i < frozen else contextlib.nullcontext():
+                use_ckpt = i >= frozen and self.ckpt_vision and torch.is_grad_enabled()
+                use_ckpt = use_ckpt and piece is not self.vision_embeddings
+                x = checkpoint(piece, x, use_reentrant=False) if use_ckpt else piece(x)
+                if piece is self.vision_embeddings and self.vision_sp:
+                    x = enter_vision_sequence_parallel(self._pad_tiles(x), self.tp)
+        if self.vision_sp and self.has_projector:
+            x = leave_vision_sequence_parallel(x, self.cfg.vision.num_patches + 1, self.tp)[:n_tiles]
         return x
+
+    def _pad_tiles(self, feats: torch.Tensor) -> torch.Tensor:
+        """[tiles, tokens, width] zero-padded to ``tile_budget`` tiles (no-op without a budget)."""
+        return F.pad(feats, (0, 0, 0, 0, 0, max(0, self.tile_budget - feats.shape[0])))
 
     def image_tokens(self, feats: torch.Tensor) -> torch.Tensor:
         """Pixel shuffle -> projector (without autograd when nothing before or in it is trained)."""
@@ -170,8 +183,8 @@ class StageModule(nn.Module):
         feats = None
         if self.runs_vision and pixel_values is not None:
             feats = self.run_vision(x, pixel_values)
-            if not self.has_projector:
-                return F.pad(feats, (0, 0, 0, 0, 0, self.tile_budget - feats.shape[0]))
+            if not self.has_projector:  # a token chunk of budget-padded tiles under ViT sequence parallelism
+                return feats if self.vision_sp else self._pad_tiles(feats)
         if self.has_projector:
             hidden = self.embed(x if self.is_first else input_ids, feats, image_flags)
         else:
@@ -204,6 +217,7 @@ def build_schedule(
         Schedule1F1B,
         ScheduleGPipe,
         ScheduleInterleaved1F1B,
+        ScheduleInterleavedZeroBubble,
     )
 
     stages = [
@@ -212,6 +226,8 @@ def build_schedule(
     ]
     if pcfg.pp_schedule == "interleaved_1f1b":
         return ScheduleInterleaved1F1B(stages, n_micro, loss_fn=loss_fn, scale_grads=False)
+    if pcfg.pp_schedule == "interleaved_zero_bubble":
+        return ScheduleInterleavedZeroBubble(stages, n_micro, loss_fn=loss_fn, scale_grads=False)
     schedule_cls = Schedule1F1B if pcfg.pp_schedule == "1f1b" else ScheduleGPipe
     return schedule_cls(stages[0], n_micro, loss_fn=loss_fn, scale_grads=False)
 

@@ -269,6 +269,7 @@ class Trainer:
             "tflops_per_device": tflops,
             "mfu": tflops / self.peak_tflops if self.peak_tflops else 0.0,
             "peak_mem": peak_memory_gib(self.device),
+            "vision_pad": self.pm.vision_pad_fraction,  # padded share of tiles sent between ViT stages
         }
 
     def _stop_requested(self) -> bool:

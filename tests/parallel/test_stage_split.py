@@ -116,3 +116,11 @@ def test_frozen_stage_zero_is_rejected() -> None:
     )
     with pytest.raises(ValueError, match="frozen"):
         validate_layout(tiny(), pcfg, 2)
+
+
+def test_vision_sequence_parallel_with_drop_path_is_one_line_error() -> None:
+    cfg = tiny()
+    cfg.vision.drop_path_rate = 0.1
+    with pytest.raises(ValueError, match="drop_path_rate") as err:
+        validate_layout(cfg, ParallelConfig(tp=2, vision_sequence_parallel=True), 2)
+    assert "\n" not in str(err.value)
