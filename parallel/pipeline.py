@@ -27,6 +27,7 @@ from mllm.model.attention import AttentionMask
 from mllm.model.config import ModelConfig
 from mllm.model.internvl import InternVLModel, splice_image_tokens
 from mllm.model.projector import vit_features_to_tokens
+from mllm.train.flops import TrainedParts
 from parallel.comm import scatter_to_sequence_parallel
 from parallel.config import ParallelConfig
 from parallel.layers import TPInfo
@@ -49,6 +50,9 @@ def resolve_split(cfg: ModelConfig, pcfg: ParallelConfig) -> Split:
         tiles,
         pcfg.balance_seq_len,
         vision_across_stages=pcfg.stage_split == "joint",
+        parts=TrainedParts(
+            vision=not pcfg.freeze_vision, projector=not pcfg.freeze_projector, llm=not pcfg.freeze_llm
+        ),
     )
     if split.projector_stage > 0 and (
         pcfg.freeze_vision or pcfg.freeze_vit_layers_below >= split.vision_layers[0]
