@@ -39,9 +39,13 @@ from mllm.train.flops import TrainedParts  # noqa: E402
 from parallel.pipeline_sim import simulate  # noqa: E402
 from parallel.stage_split import Split, best_stage_split, unit_costs  # noqa: E402
 
+WARMUP_ROWS = 512
+
 
 def pack_rows(seed: int, n_rows: int, data, tiles_per_row: int) -> list[list[tuple[int, int]]]:
-    """``n_rows`` rows of (tokens, tiles) samples from one replica's stream."""
+    """``n_rows`` rows of (tokens, tiles) samples from one replica's stream, after ``WARMUP_ROWS`` rows (the
+    packer's buffer settles: hard-to-combine samples accumulate and fill drops over the first few hundred)."""
+    n_rows += WARMUP_ROWS
     stream = make_stream(
         seed,
         n_rows * 6 + 2 * data.pack_buffer,
@@ -60,7 +64,7 @@ def pack_rows(seed: int, n_rows: int, data, tiles_per_row: int) -> list[list[tup
             packer.add(fed, *stream[fed])
             fed += 1
         rows.append([stream[p] for p in packer.pop_row(row_level(packer.rows_emitted))])
-    return rows
+    return rows[WARMUP_ROWS:]
 
 
 def micro_batches(rows: list[list[tuple[int, int]]], mbs: int) -> list[tuple[int, float]]:
