@@ -1,6 +1,6 @@
-"""End to end from the CLI: ``parallel.pp=4`` with the ViT over stages 0 and 1 trains on 4 CPU ranks and
-checkpoints; the run resumes into pp 2 (ViT back on stage 0) on 2 ranks; the last checkpoint exports to
-transformers and reloads with the weights the checkpoint holds."""
+"""End to end from the CLI: ``parallel.pp=4`` with the ViT over stages 0 and 1 (and tile-balanced packing)
+trains on 4 CPU ranks and checkpoints; the run resumes into pp 2 (ViT back on stage 0) on 2 ranks; the last
+checkpoint exports to transformers and reloads with the weights the checkpoint holds."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ def test_pp4_vit_over_stages_trains_resumes_into_pp2_and_exports(synth, tmp_path
         "parallel.pp=4",
         "parallel.vision_layers_per_stage=[1,1,0,0]",
         "parallel.layers_per_stage=[0,1,2,1]",
+        "data.tiles_per_row=-1",  # tile-balanced packing through the real loader
     ]
     _torchrun(4, [*common, *pp4, "train.steps=2"], tmp_path / "pp4.log")
     first = _records(run_dir)
