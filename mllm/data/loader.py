@@ -255,7 +255,13 @@ class PackedLoader:
 
     def _new_packer(self) -> Packer:
         cfg = self.cfg
-        return Packer(cfg.seq_len, cfg.max_tiles_per_row, self.flops, buffer_size=cfg.pack_buffer)
+        return Packer(
+            cfg.seq_len,
+            cfg.max_tiles_per_row,
+            self.flops,
+            buffer_size=cfg.pack_buffer,
+            tiles_per_row=cfg.tiles_per_row,
+        )
 
     def _capture(self) -> dict:
         """The state after the rows planned so far (bad-sample counts are added when the step is taken)."""
