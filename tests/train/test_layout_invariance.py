@@ -98,6 +98,7 @@ def on_two_ranks(rank: int, world: int, root: str) -> str:
     _train(
         data, "meta_once.json", root_p / "once", ["train.epochs=1", "parallel.tp=2", "checkpoint.resume=auto"]
     )
+    return bad_data_fails_on_every_rank(data, root_p / "bad")
 
 
 def bad_data_fails_on_every_rank(data: Path, run_dir: Path) -> str:
