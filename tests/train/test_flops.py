@@ -77,3 +77,16 @@ def test_projector_and_mfu():
     assert got == 3 * 256 * (2 * 12800 * 6144 + 2 * 6144 * 6144)
     assert mfu(989e12 * 8 * 0.5, 1.0, 8, 989.0) == pytest.approx(0.5)
     assert mfu(1.0, 0.0, 8, 989.0) == 0.0
+
+
+def test_lora_parts_count_as_frozen_with_the_gradient_flowing_through():
+    """lora.llm on a frozen model (InternVL's use_llm_lora): the LLM runs forward + data backward (2x GEMMs,
+    3x attention, as a frozen LLM behind a trained projector), the frozen ViT and projector forward only."""
+    sample = [(1024, 2)]
+    lora = step_flops(CFG_26B, sample, TrainedParts(False, False, True, llm_adapters=True))
+    behind = step_flops(CFG_26B, sample, TrainedParts(False, True, False))
+    frozen = step_flops(CFG_26B, sample, TrainedParts(False, False, False))
+    assert lora.llm == behind.llm and lora.vision == frozen.vision and lora.projector == frozen.projector
+    assert frozen.llm < lora.llm < step_flops(CFG_26B, sample, TrainedParts()).llm
+    vit = step_flops(CFG_26B, sample, TrainedParts(True, False, False, vision_adapters=True))
+    assert vit.projector == behind.projector * 2 / 3 and vit.llm == behind.llm  # gradient flows on to the ViT
