@@ -164,6 +164,10 @@ def validate_layout(model_cfg: ModelConfig, pcfg: ParallelConfig, world_size: in
         f"parallel.freeze_vit_layers_below={pcfg.freeze_vit_layers_below} out of range 0..{v.num_layers}",
     )
     _check(pcfg.layer_backend in ("torch", "te"), "parallel.layer_backend must be 'torch' or 'te'")
+    _check(
+        not (model_cfg.lora.enabled and pcfg.layer_backend == "te"),
+        "lora.vision / lora.llm need parallel.layer_backend=torch (TE linears take no adapters)",
+    )
     validate_dp_shard(pcfg, world_size)
 
 

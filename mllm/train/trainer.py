@@ -103,6 +103,8 @@ class Trainer:
             vision=not run.parallel.freeze_vision,
             projector=not run.parallel.freeze_projector,
             llm=not run.parallel.freeze_llm,
+            vision_adapters=run.model.lora.vision > 0,
+            llm_adapters=run.model.lora.llm > 0,
         )
         self.peak_tflops = peak_tflops_for(
             torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",

@@ -38,6 +38,13 @@ def test_impossible_layouts_raise_before_any_work(world, kwargs, message) -> Non
     assert "\n" not in str(info.value)
 
 
+def test_lora_with_the_te_backend_raises_before_any_work() -> None:
+    cfg = tiny()
+    cfg.lora.llm = 4
+    with pytest.raises(ValueError, match="lora.vision / lora.llm need parallel.layer_backend=torch"):
+        validate_layout(cfg, ParallelConfig(layer_backend="te"), 1)
+
+
 def test_uneven_vit_heads_are_a_valid_layout() -> None:
     cfg = PRESETS["internvl_chat_v1_5"]()  # 25 ViT heads, 8 kv heads
     for tp in (2, 4, 8):
