@@ -99,16 +99,18 @@ def finetune_flows(rank: int, world: int, root: str) -> dict:
 
 
 def frozen_in_bf16(rank: int, world: int, root: str) -> dict:
-    """The tiny LoRA twin's model built as the trainer builds it with a bf16 compute dtype, at dp2 and at dp_shard 2
-    (FSDP2: frozen bf16 and trainable fp32 in one unit); one bf16 step each. Returns dtypes, the real local weight
+    """The tiny LoRA twin's model built as the trainer builds it with a bf16 compute dtype, at dp2, at dp_shard 2
+    (FSDP2: frozen bf16 and trainable fp32 in one unit) and at pp2; one bf16 step each. Returns dtypes, the real local weight
     bytes and the planner's."""
+    from fixtures import make_row
+
     from mllm.config import load_run_config
     from mllm.train.planner import rank_plans
     from parallel.mesh import build_mesh
     from parallel.model import parallelize
 
     out = {}
-    for name, extra in {"dp2": [], "fsdp2": ["parallel.dp_shard=2"]}.items():
+    for name, extra in {"dp2": [], "fsdp2": ["parallel.dp_shard=2"], "pp2": ["parallel.pp=2"]}.items():
         run = load_run_config(
             "tiny_finetune_lora",
             ["parallel.layout=manual", "train.dtype=bf16", "model.image_token_id=1000", *extra],
@@ -119,12 +121,10 @@ def frozen_in_bf16(rank: int, world: int, root: str) -> dict:
         held = sum(
             p.to_local().nbytes if hasattr(p, "to_local") else p.nbytes for p in pm.module.parameters()
         )
-        from fixtures import make_row
-
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            result = pm.forward_backward([make_row(0, rank, 64)])
+            result = pm.forward_backward([make_row(0, mesh.dp_rank * 2 + i, 64) for i in range(2)])
         grads = {n: p.grad is not None for n, p in pm.named_parameters()}
-        planned = rank_plans(run, run.parallel, world)[0].bytes["weights"]
+        planned = rank_plans(run, run.parallel, world)[mesh.pp_rank].bytes["weights"]
         out[name] = {"dtypes": dtypes, "held": held, "planned": planned, "grads": grads,
                      "loss": float(result.loss)}  # fmt: skip
     return out
