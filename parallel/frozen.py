@@ -1,8 +1,9 @@
 """Frozen weights held in the compute dtype (``parallel.frozen_dtype=compute``).
 
 A frozen parameter gets no gradient and no optimizer step, so an fp32 master copy of it buys nothing: under
-bf16 autocast every matmul reads it as bf16 anyway. Holding it in the compute dtype halves its memory, which is
-what lets a 26B LoRA fine-tune fit two 80 GB GPUs (``mllm.train.planner`` counts it the same way). The token
+bf16 autocast every matmul reads it as bf16 anyway. Holding it in the compute dtype halves its memory (the 26B
+LoRA fine-tune on two GPUs: 24 GiB less per rank, room to skip activation recompute), as DeepSpeed's bf16 mode
+holds frozen weights; ``mllm.train.planner`` counts it the same way. The token
 embedding stays fp32 even when frozen: its rows start the residual stream, which stays fp32 under autocast.
 Trainable parameters (and LoRA adapters) keep their fp32 master weights.
 """
