@@ -37,6 +37,8 @@ class ParallelConfig:
     gradients and reducing once, after the last micro-batch (less communication, more memory).
     bucket_size_mb: gradient all-reduce bucket size of the dp_shard=1 path, launched during the last
     micro-batch's backward (``parallel.overlap``).
+    frozen_dtype: "fp32" keeps frozen parameters as fp32 like trainable ones; "compute" holds them in the run's
+    compute dtype (bf16 on GPU; ``parallel.frozen``): half the memory, no master copy needed.
     layout / gpu_memory_gib: ``layout=auto`` replaces tp, pp, virtual stages, dp_shard and activation
     checkpointing by the planner's fastest layout that fits ``gpu_memory_gib`` (0: the device's memory).
     """
@@ -69,6 +71,7 @@ class ParallelConfig:
     bucket_size_mb: float = 25.0
     layout: str = "manual"  # "manual" | "auto" (mllm.train.planner)
     gpu_memory_gib: float = 0.0
+    frozen_dtype: str = "fp32"  # "fp32" | "compute" (parallel.frozen)
     extra: dict = field(default_factory=dict)  # free-form knobs for backends (e.g. TE options)
 
     @property
@@ -195,6 +198,10 @@ def validate_dp_shard(pcfg: ParallelConfig, world_size: int) -> None:
     _check(pcfg.fsdp_reduce_dtype in ("bf16", "fp32"), "parallel.fsdp_reduce_dtype must be fp32 or bf16")
     _check(pcfg.bucket_size_mb > 0, f"parallel.bucket_size_mb={pcfg.bucket_size_mb} must be > 0")
     _check(pcfg.layout in ("manual", "auto"), f"parallel.layout={pcfg.layout!r} must be manual or auto")
+    _check(
+        pcfg.frozen_dtype in ("fp32", "compute"),
+        f"parallel.frozen_dtype={pcfg.frozen_dtype!r} must be fp32 or compute",
+    )
 
 
 def _validate_vision_split(model_cfg: ModelConfig, pcfg: ParallelConfig) -> None:

@@ -15,6 +15,7 @@ from mllm.model.loss import IGNORE_INDEX, loss_weights
 from parallel.build import RankSkeleton, build_rank_skeleton, materialize
 from parallel.comm import all_reduce_no_grad
 from parallel.config import ParallelConfig, validate_layout
+from parallel.frozen import hold_frozen_in
 from parallel.fsdp import apply_fsdp, copy_rows_, full_tp_local, resolve_dtype, set_micro_batch_sync, to_local
 from parallel.grads import clip_grad_norm_, finish_grad_sync
 from parallel.loss import vocab_parallel_cross_entropy
@@ -298,4 +299,6 @@ def parallelize(
     validate_layout(model_cfg, pcfg, mesh.tp * mesh.pp * mesh.dp)
     skeleton = build_rank_skeleton(model_cfg, pcfg, mesh)
     materialize(skeleton, model_cfg, torch.device(device), init_state_dict, seed, dtype)
+    if pcfg.frozen_dtype == "compute" and compute_dtype is not None:
+        hold_frozen_in(skeleton.module, compute_dtype)
     return ParallelModel(model_cfg, pcfg, mesh, skeleton, device, compute_dtype or dtype)
