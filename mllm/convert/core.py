@@ -20,6 +20,7 @@ from mllm import checkpoint_io
 from mllm.convert import files, internvl_chat, transformers_native
 from mllm.convert.errors import CheckpointError, name_a_few
 from mllm.convert.lazy import LazyStateDict, SafetensorsSource, TensorMapper, map_lazily, shapes_of
+from mllm.convert.processor import ImageSettings, image_settings_of, processor_files
 from mllm.convert.text_config import text_arch, text_config_to_ours
 from mllm.model.config import ModelConfig
 from mllm.model.internvl import build_model
@@ -187,8 +188,10 @@ def write_hf(
     fmt: str,
     max_shard_size: str | int = files.DEFAULT_MAX_SHARD_SIZE,
     tokenizer_dir: str | os.PathLike | None = None,
+    image: ImageSettings | None = None,
 ) -> Path:
-    """Write an HF directory (weights, config.json, generation_config.json, tokenizer files) atomically."""
+    """Write an HF directory (weights, config.json, generation_config.json, tokenizer files) atomically; the
+    transformers format also gets the processor files (``mllm.convert.processor``; ``image``: tiling limits)."""
     if fmt not in HF_FORMATS:
         raise CheckpointError(f"unknown export format {fmt!r}; supported: {', '.join(HF_FORMATS)}")
     module = HF_FORMATS[fmt]
@@ -209,6 +212,9 @@ def write_hf(
         files.write_json(tmp / files.GENERATION_CONFIG_FILE, gen)
         for name, path in (files.tokenizer_files(src) if src else {}).items():
             (tmp / name).write_bytes(path.read_bytes())
+        if fmt == "transformers" and src is not None:
+            for name, text in processor_files(cfg, src, image or image_settings_of(src)).items():
+                (tmp / name).write_text(text)
     return Path(out_dir)
 
 
@@ -239,7 +245,8 @@ def export_hf(
         from mllm.train.export import tokenizer_dir_of
 
         tokenizer_dir = tokenizer_dir_of(ckpt_dir)
-    return write_hf(_cast(sd, dtype), cfg, out_dir, fmt, max_shard_size, tokenizer_dir=tokenizer_dir)
+    image = image_settings_of(Path(ckpt_dir))  # the run's tiling limits (trainer) or the source processor's
+    return write_hf(_cast(sd, dtype), cfg, out_dir, fmt, max_shard_size, tokenizer_dir, image)
 
 
 # -- part checkpoints (a separate InternViT or LLM, e.g. the start of stage-1 training) ----------------------
