@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from mllm.train.checkpoint import latest_checkpoint
 from mllm.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
+HAVE_WANDB = importlib.util.find_spec("wandb") is not None
 pytest.importorskip("transformers")
 
 STEPS = 4
@@ -82,7 +84,10 @@ def runs(tmp_path_factory):
     metrics_after_first = (work / "run" / "metrics.jsonl").read_text()
     again = _train(work, [*base, "train.run_dir=run", f"train.steps={STEPS}"])
     metrics_after_refusal = (work / "run" / "metrics.jsonl").read_text()
-    resumed = _train(work, [*base, "train.run_dir=run", f"train.steps={STEPS + 2}", "checkpoint.resume=auto"])
+    wandb = ["logging.wandb=true", "logging.wandb_mode=offline"] if HAVE_WANDB else []
+    resumed = _train(
+        work, [*base, "train.run_dir=run", f"train.steps={STEPS + 2}", "checkpoint.resume=auto", *wandb]
+    )
     dp2 = _train(work, [*base, "train.run_dir=run_dp2", "train.steps=2"], nproc=2)
     return {
         "work": work,
@@ -167,6 +172,15 @@ def test_run_dir_with_checkpoints_refuses_a_fresh_start_and_resume_appends(runs)
     steps = [r["step"] for r in read_metrics(runs["work"] / "run" / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, STEPS + 3))
     assert f"resumed from run/checkpoints/step_{STEPS:08d} at step {STEPS}" in runs["resumed"].stdout
+
+
+@pytest.mark.skipif(not HAVE_WANDB, reason="wandb not installed (pip install 'mllm[wandb]')")
+def test_wandb_offline_run_records_the_metrics(runs):
+    _ok(runs["resumed"])  # ran with logging.wandb=true logging.wandb_mode=offline, no network
+    logs = list((runs["work"] / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1
+    data = logs[0].read_bytes()
+    assert b"train/loss" in data and b"val_loss" in data and b"tiny_sft" in data
 
 
 def test_data_quality_failure_ends_with_one_error_line(runs, tmp_path):
