@@ -91,6 +91,7 @@ class EvalConfig:
     data_path: str | None = None  # a meta JSON or a prepared shard directory, read like data.path
     every: int = 0  # evaluate every N steps (0 with a data_path: only after the last step)
     batches: int = 8  # packed micro-batches (data.micro_batch_size rows each) in the held-out set
+    per_dataset: bool = True  # also val_loss/<dataset> (one forward+backward pass per dataset instead of one)
 
 
 @dataclass

@@ -10,8 +10,9 @@ It runs through ``ParallelModel.forward_backward`` (the one code path that every
 schedules have no forward-only mode here) in eval mode and drops the gradients; the global RNG state is
 restored afterwards, so validating does not change the training run.
 
-Per-dataset losses (``val_loss/<dataset>``) come from the same rows with the other datasets' labels masked;
-the overall ``val_loss`` is their weight-averaged combination.
+Per-dataset losses (``val_loss/<dataset>``, ``eval.per_dataset``) come from the same rows with the other
+datasets' labels masked, one pass per dataset; the overall ``val_loss`` is their weight-averaged combination
+(one pass over all tokens without the breakdown).
 """
 
 from __future__ import annotations
@@ -81,25 +82,26 @@ class Validator:
         for i in range(per_rank):
             batch = mine[i] if i < len(mine) else rows[0]
             d = batch_to_dict(batch)
-            masks = dataset_masks(batch)
-            if i >= len(mine):  # padding: no loss tokens
-                masks = {name: torch.zeros_like(m) for name, m in masks.items()}
-            d["dataset_masks"] = masks
+            d["dataset_masks"] = dataset_masks(batch)
+            d["padding"] = i >= len(mine)  # a copy without loss tokens
             out.append(d)
         names = {name for batch in rows for name in dataset_masks(batch)}
         self._datasets = sorted(names)
         return out
 
-    def _loss(self, rows: list[dict[str, Any]], dataset: str) -> tuple[float, float]:
-        """(loss, total weight) over ``dataset``'s tokens of every rank's rows."""
+    def _loss(self, rows: list[dict[str, Any]], dataset: str | None) -> tuple[float, float]:
+        """(loss, total weight) over ``dataset``'s tokens (None: all tokens) of every rank's rows."""
         t = self.trainer
         device = t.device
         micro = []
         for row in rows:
-            mask = row["dataset_masks"].get(dataset)
             labels = row["labels"].clone()
-            labels[~mask if mask is not None else torch.ones_like(labels, dtype=torch.bool)] = IGNORE_INDEX
-            mb = {k: v for k, v in row.items() if k not in ("dataset_masks", "sample_ids")}
+            if row["padding"]:
+                labels[:] = IGNORE_INDEX
+            elif dataset is not None:
+                mask = row["dataset_masks"].get(dataset, torch.zeros_like(labels, dtype=torch.bool))
+                labels[~mask] = IGNORE_INDEX
+            mb = {k: v for k, v in row.items() if k not in ("dataset_masks", "sample_ids", "padding")}
             mb["labels"] = labels
             micro.append({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()})
         autocast = torch.autocast(device.type, dtype=t.dtype, enabled=t.dtype != torch.float32)
@@ -116,11 +118,14 @@ class Validator:
         try:
             if self._rows is None:
                 self._rows = self._my_rows()
-            per_dataset = {name: self._loss(self._rows, name) for name in self._datasets}
+            if t.run.eval.per_dataset and len(self._datasets) > 1:
+                per_dataset = {name: self._loss(self._rows, name) for name in self._datasets}
+            else:
+                per_dataset = {None: self._loss(self._rows, None)}
         finally:
             t.pm.train(True)
             set_rng_state(saved)
         total = sum(w for _, w in per_dataset.values())
         out = {"val_loss": sum(loss * w for loss, w in per_dataset.values()) / max(total, 1e-12)}
-        out.update({f"val_loss/{name}": loss for name, (loss, w) in per_dataset.items() if w > 0})
+        out.update({f"val_loss/{name}": loss for name, (loss, w) in per_dataset.items() if name and w > 0})
         return out
