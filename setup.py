@@ -4,6 +4,7 @@
 from setuptools import find_packages, setup
 
 setup(
-    packages=find_packages(include=["mllm*", "parallel*", "launch*"]) + ["mllm.recipes", "mllm.recipes.model"],
+    packages=find_packages(include=["mllm*", "parallel*", "launch*"])
+    + ["mllm.recipes", "mllm.recipes.model"],
     package_dir={"mllm.recipes": "recipes"},
 )
