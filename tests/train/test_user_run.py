@@ -352,3 +352,34 @@ def test_mllm_chat_answers_like_our_model(runs, export):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines()[1].strip() == expected.strip()
+
+
+def test_progress_bar_on_a_terminal_keeps_the_step_lines():
+    """On a terminal (a pty here) rank 0 adds a rich progress bar; the step lines are still printed above it."""
+    import pty
+
+    code = (
+        "from mllm.train.console import Console\n"
+        "c = Console(True, 4, 0, 2, 'auto')\n"
+        "for s in range(1, 5):\n"
+        "    c.step(dict(step=s, loss=1.0 / s, lr=1e-3, grad_norm=1.0, tokens_per_s=100.0, tiles=4,\n"
+        "                step_time=0.1, mfu=0.0, peak_mem=0.1))\n"
+        "c.close()\n"
+    )
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", code], env=_env(), stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed the pty
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=60) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    assert "step 2/4 | loss 0.5000" in text and "step 4/4 | loss 0.2500" in text
+    assert "4/4" in text and "\x1b[" in text  # the bar: rich's completed count, drawn with escape codes
