@@ -86,7 +86,11 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResul
     say(f"[1/5] synthetic data: {opts.num_samples} samples -> {data_dir}")
     run_synth(data_dir, opts.num_samples)
 
-    base = recipe_overrides(data_dir, run_dir, TP, PP) + [f"checkpoint.every={every}", "logging.progress=off"]
+    base = recipe_overrides(data_dir, run_dir, TP, PP) + [
+        f"checkpoint.every={every}",
+        "logging.progress=off",
+        f"logging.print_every={total}",  # the demo prints its own loss lines
+    ]
     cmd = torchrun_command(TP * PP, base + [f"train.steps={opts.steps}"])
     say(f"[2/5] train {RECIPE} on {TP * PP} CPU ranks (tp{TP} x pp{PP}), {opts.steps} steps -> {run_dir}")
     say("  $ " + _shown(cmd))
@@ -150,7 +154,7 @@ def _export_and_ask(
     say(f"  question {q.question}")
     say(f"  expected {q.expected}")
     say(f"  model    {answer}")
-    say("  chat through the export's own processor (AutoProcessor: chat template, tiling, image tokens):")
+    say("  chat through the export's own transformers processor (chat template, tiling, image tokens):")
     chat_answer, chat_ids = processor_chat(hf_dir, q.image, q.question)
     if not torch.equal(chat_ids, q.input_ids):
         raise DemoError("the export's processor builds another prompt than training's tokenization")

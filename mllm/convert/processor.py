@@ -28,6 +28,12 @@ PROCESSOR_FILE = "processor_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 VIDEO_TOKEN = "<video>"  # InternVLProcessor requires the attribute; our models are trained without video
+NAMED_IMAGE_TOKENS = {  # tokenizer attributes InternVLProcessor reads
+    "start_image_token": IMG_START,
+    "end_image_token": IMG_END,
+    "context_image_token": IMG_CONTEXT,
+    "video_token": VIDEO_TOKEN,
+}
 
 
 @dataclass(frozen=True)
@@ -109,16 +115,12 @@ def tokenizer_config_with_image_tokens(src: Path) -> dict[str, Any] | None:
         return None
     config = json.loads(path.read_text())
     extra = config.get("extra_special_tokens")
+    if isinstance(extra, dict) and NAMED_IMAGE_TOKENS.items() <= extra.items():
+        return config  # already named (e.g. an export of an export)
     if isinstance(extra, list):
         config["additional_special_tokens"] = extra
         extra = {}
-    config["extra_special_tokens"] = {
-        **(extra or {}),
-        "start_image_token": IMG_START,
-        "end_image_token": IMG_END,
-        "context_image_token": IMG_CONTEXT,
-        "video_token": VIDEO_TOKEN,
-    }
+    config["extra_special_tokens"] = {**(extra or {}), **NAMED_IMAGE_TOKENS}
     return config
 
 
@@ -129,8 +131,14 @@ def processor_files(cfg: ModelConfig, tokenizer_dir: Path, image: ImageSettings 
     if tok_config is None:
         return {}
     image = image or ImageSettings()
+    unchanged = tok_config == json.loads((tokenizer_dir / TOKENIZER_CONFIG_FILE).read_text())
+    tokenizer = (
+        {}
+        if unchanged
+        else {TOKENIZER_CONFIG_FILE: json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n"}
+    )
     return {
-        TOKENIZER_CONFIG_FILE: json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n",
+        **tokenizer,
         PREPROCESSOR_FILE: json.dumps(preprocessor_config(cfg, image), indent=2) + "\n",
         PROCESSOR_FILE: json.dumps(
             {"processor_class": "InternVLProcessor", "image_seq_length": cfg.num_image_token}, indent=2
