@@ -95,5 +95,5 @@ def test_export_of_a_directory_without_model_config_says_how(trained, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(ckpt, old)
     (old / MODEL_CONFIG_FILE).unlink()
-    with pytest.raises(ValueError, match="model_config.json not found.*load_checkpoint_model"):
+    with pytest.raises(ValueError, match="model_config.json not found.*read_trainer_checkpoint"):
         core.read_checkpoint(old)
