@@ -9,7 +9,18 @@ from mllm.train.config import RunConfig
 from mllm.train.planner import CUDA_CONTEXT_GIB, FRAGMENTATION, GIB, NCCL_GIB, Hardware, LayoutPlan, plan
 from mllm.train.planner_search import apply_layout, plan_layout, search_layouts, smallest_fitting_world
 
-COLUMNS = ("weights", "gathered", "grads", "optimizer", "activations", "logits", "pixels", "overhead")
+COLUMNS = (
+    "weights",
+    "gathered",
+    "grads",
+    "grad_buffers",
+    "optimizer",
+    "activations",
+    "logits",
+    "pixels",
+    "overhead",
+)
+HEADERS = ("weights", "gathered", "grads", "grad buf", "optim", "activ.", "logits", "pixels", "overhead")
 
 
 def _gib(x: float) -> str:
@@ -24,7 +35,7 @@ def assumptions(hw: Hardware) -> str:
 
 
 def format_ranks(p: LayoutPlan) -> str:
-    head = f"{'pp rank':>7} {'params':>9} {'trainable':>9} " + " ".join(f"{c[:8]:>8}" for c in COLUMNS)
+    head = f"{'pp rank':>7} {'params':>9} {'trainable':>9} " + " ".join(f"{h:>8}" for h in HEADERS)
     lines = [head + f" {'total GiB':>9}"]
     budget = p.hardware.gpu_memory_gib * GIB
     for r in p.ranks:

@@ -30,6 +30,7 @@ WORLD2 = [
     ("fp8", "test_fast_path:fp8_vs_fp32", ()),
     ("elastic_data", "test_elastic_data:dp2_then_dp1", ()),
     ("fsdp_resume", "test_fsdp_train:dp_shard_resume", ()),
+    ("planner_memory", "test_fsdp_train:measured_vs_planned", ()),
 ]
 WORLD4 = [
     ("tp2xpp2", "test_resume:straight_vs_resumed", (["parallel.tp=2", "parallel.pp=2"],)),

@@ -118,3 +118,41 @@ def test_fsdp_checkpoint_exports_its_weights(resumed, tmp_path):
     assert len(sd) == sum(k.startswith("model/") for k in written)
     for name, tensor in sd.items():
         assert torch.equal(tensor, written[f"model/{name}"]), name
+
+
+MEMORY_LAYOUTS = {"dp_shard2": FSDP, "tp2": ["parallel.tp=2"], "dp2": []}
+
+
+def measured_vs_planned(rank: int, world: int, root: str) -> dict:
+    """Bytes this rank holds in parameters, gradients (after a step's backward) and AdamW state, measured on
+    the live tensors, next to the planner's prediction for the same layout."""
+    from mllm.train.batches import model_inputs
+    from mllm.train.planner import plan
+    from parallel.fsdp import to_local
+
+    def nbytes(tensors) -> int:
+        return sum(to_local(t).numel() * to_local(t).element_size() for t in tensors)
+
+    out = {}
+    for name, layout in MEMORY_LAYOUTS.items():
+        trainer = make_trainer([*layout, f"checkpoint.dir={Path(root) / name}"])
+        micro = trainer.batches.next_micro_batches(trainer.grad_accum)
+        trainer.pm.forward_backward(trainer.pixels.wrap([model_inputs(mb) for mb in micro]))
+        inner = getattr(trainer.optimizer, "optim", trainer.optimizer)
+        measured = {
+            "weights": nbytes(trainer.pm.module.parameters()),
+            "grads": nbytes(p.grad for _, p in trainer.pm.trainable_parameters()),
+            "optimizer": nbytes(v for s in inner.state.values() for k, v in s.items() if k != "step"),
+        }
+        predicted = plan(trainer.run, world).ranks[trainer.mesh.pp_rank].bytes
+        out[name] = {k: (v, predicted[k]) for k, v in measured.items()}
+    return out
+
+
+@pytest.mark.parametrize("layout", sorted(MEMORY_LAYOUTS))
+def test_planner_predicts_the_bytes_a_real_run_holds(world2, layout):
+    _, per_rank = scenario_result(world2, "planner_memory")
+    for rank, result in enumerate(per_rank):
+        for kind, (measured, predicted) in result[layout].items():
+            assert measured > 0, (rank, kind)
+            assert abs(measured - predicted) <= 0.05 * measured, (layout, rank, kind, measured, predicted)
