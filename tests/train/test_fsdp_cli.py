@@ -9,8 +9,8 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
-import pytest
 import torch
 from test_torchrun import REPO, synth  # noqa: F401 - the synthetic-data fixture
 
@@ -42,39 +42,33 @@ def test_dp_shard_trains_checkpoints_resumes_and_exports(tmp_path, synth):  # no
     step_dir = run_dir / "checkpoints" / f"step_{STEPS:08d}"
     assert json.loads((step_dir / "meta.json").read_text())["layout"]["dp_shard"] == 2
     out = tmp_path / "hf"
-    cmd = [
-        sys.executable,
-        "-m",
-        "mllm.convert",
-        "export-hf",
-        str(step_dir),
-        str(out),
-        "--format",
-        "transformers",
-    ]
-    subprocess.run(cmd, env=_env(), check=True, capture_output=True, timeout=300)
     import mllm.hf
     from mllm.convert import core
+    from mllm.convert.__main__ import main as convert
 
+    assert convert(["export-hf", str(step_dir), str(out), "--format", "transformers"]) in (0, None)
     exported = mllm.hf.load(out).state_dict()
     trained, _ = core.read_checkpoint(step_dir)
     for name, tensor in trained.items():
         assert torch.equal(exported[name], tensor), name
 
 
-def _dry_run(*args: str, world: int) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "mllm.train", "--config-name=tiny_sft", "--dry-run", "--json", *args]
-    env = {**_env(), "WORLD_SIZE": str(world)}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+def _dry_run(monkeypatch, capsys, *args: str, world: int) -> SimpleNamespace:
+    """``python -m mllm.train --config-name=tiny_sft --dry-run --json ARGS`` in this process."""
+    from mllm.train.__main__ import main
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    code = main(["--config-name=tiny_sft", "--dry-run", "--json", *args])
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
-def test_layout_auto_picks_the_planners_best_layout():
+def test_layout_auto_picks_the_planners_best_layout(monkeypatch, capsys):
     from mllm.config import load_run_config
     from mllm.train.planner_search import plan_layout
 
-    done = _dry_run(
-        "parallel.layout=auto", "parallel.gpu_memory_gib=2.4", "train.global_batch_size=8", world=4
-    )
+    args = ("parallel.layout=auto", "parallel.gpu_memory_gib=2.4", "train.global_batch_size=8")
+    done = _dry_run(monkeypatch, capsys, *args, world=4)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
     best = plan_layout(load_run_config("tiny_sft", ["train.global_batch_size=8"]), 4, 2.4)
@@ -83,13 +77,14 @@ def test_layout_auto_picks_the_planners_best_layout():
     assert report["max_rank_gib"] <= 2.4
 
 
-def test_layout_auto_names_the_smallest_world_size_that_fits():
+def test_layout_auto_names_the_smallest_world_size_that_fits(monkeypatch, capsys):
     from mllm.config import load_run_config
     from mllm.train.planner_search import plan_layout
 
     budget = 2.4  # GiB, 2 of them the CUDA/NCCL allowance: one rank cannot hold tiny_sft's 32k-token rows
     overrides = ["data.seq_len=32768", "train.global_batch_size=8"]
-    done = _dry_run("parallel.layout=auto", f"parallel.gpu_memory_gib={budget}", *overrides, world=1)
+    args = ("parallel.layout=auto", f"parallel.gpu_memory_gib={budget}", *overrides)
+    done = _dry_run(monkeypatch, capsys, *args, world=1)
     assert done.returncode == 2
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("error: parallel.layout=auto: no layout") and "smallest world size" in line, line
@@ -99,9 +94,8 @@ def test_layout_auto_names_the_smallest_world_size_that_fits():
     assert all(plan_layout(run, w, budget) is None for w in range(1, smallest))
 
 
-@pytest.mark.parametrize("flag", ["--search"])
-def test_search_json_lists_fitting_layouts_fastest_first(flag):
-    done = _dry_run(flag, "--gpu-memory", "80", world=8)
+def test_search_json_lists_fitting_layouts_fastest_first(monkeypatch, capsys):
+    done = _dry_run(monkeypatch, capsys, "--search", "--gpu-memory", "80", world=8)
     assert done.returncode == 0, done.stderr
     layouts = json.loads(done.stdout.strip().splitlines()[-1])["layouts"]
     assert layouts and all(x["max_rank_gib"] <= 80 for x in layouts)
