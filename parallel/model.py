@@ -209,7 +209,7 @@ class ParallelModel:
             sum(to_local(p).numel() for p in params),
             sum(to_local(p).numel() for p in trainable),
             self.pcfg,
-            self.mesh.dp // self.mesh.dp_shard,  # ZeRO-1 divides by dp; FSDP shards are already local
+            self.mesh.dp,
             dtype,
             dtype,
             self.mesh.pp_rank,
