@@ -167,6 +167,10 @@ def validate_run_config(
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     _validate_batch(run, world_size)
+    _check(
+        run.parallel.dp_shard == 1 or not (run.fp8.enabled or run.train.compile),
+        "parallel.dp_shard > 1 (FSDP2) with fp8.enabled or train.compile is not supported yet: use dp_shard=1",
+    )
     _validate_tiles(run)
     _validate_train(run)
     _validate_reporting(run, need_data)

@@ -25,7 +25,9 @@ Public API
     ("1f1b" | "interleaved_1f1b" | "gpipe"), virtual_stages, layers_per_stage (list or None = balanced by
     FLOPs with the ViT counted on stage 0), shard_optimizer, activation_checkpointing_vision / _llm,
     freeze_vision / freeze_projector / freeze_llm / freeze_vit_layers_below, loss_mode ("token" | "sample" |
-    "square"), layer_backend ("torch" | "te"), cp (reserved, 1).
+    "square"), layer_backend ("torch" | "te"), cp (reserved, 1), dp_shard, fsdp_param_dtype,
+    fsdp_reduce_dtype, reduce_grads_every_micro_batch, bucket_size_mb, layout ("manual" | "auto"),
+    gpu_memory_gib.
 ``validate_layout(model_cfg, pcfg, world_size) -> None``: raises for impossible layouts (world size, tp not
     dividing kv heads / heads / ffn, layers per stage, schedule options). Uneven ViT head counts are valid.
 ``build_mesh(pcfg, device_type=None) -> ParallelMesh``: sizes, this rank's coordinates (tp_rank, pp_rank,
@@ -71,9 +73,10 @@ Design notes
   metadata (segment_ids, position_ids) reaches every stage as per-micro-batch keyword arguments (a side
   channel: every rank holds the micro-batches), only activations travel between stages. Under pp all
   micro-batches of a step share one [B, S].
-- Data parallel: gradients are summed over dp once after the last micro-batch (bucketed all-reduce), after
-  the tp reduction of SP parameters. ``shard_optimizer`` partitions AdamW state over dp (ZeRO-1 via
-  ``ZeroRedundancyOptimizer``). FSDP2 parameter sharding is not implemented yet.
+- Data parallel: gradients are summed over dp once, by bucketed all-reduces launched during the last
+  micro-batch's backward (parallel.overlap). ``shard_optimizer`` partitions AdamW state over dp (ZeRO-1 via
+  ``ZeroRedundancyOptimizer``). ``dp_shard`` > 1: FSDP2 ``fully_shard`` over dp_shard ranks (HSDP with
+  dp / dp_shard replicas), composed with tp and pp (parallel.fsdp); parameters become DTensors over dp.
 - Layer-backend seam (parallel.layers): ``column_linear`` / ``row_linear`` / ``core_attention`` factories;
   the torch backend is the reference, ``parallel.te_backend`` provides Transformer Engine modules holding
   the same local shards.

@@ -7,8 +7,9 @@ module, which ``torch.distributed.pipelining`` drives: no gradient reduction per
 reduce-scatter after the last, ``PipelineStage.perform_reduce_grad``). HSDP: a 2-D (dp_replicate, dp_shard)
 mesh, reduce-scatter inside a shard group, all-reduce across replicas.
 
-Units (each one all-gather / reduce-scatter, prefetched by FSDP2 one unit ahead): the ViT embeddings, every
-ViT block, every LLM decoder layer; the rest of a stage (projector, token embedding, final norm, output layer)
+Units (each one all-gather / reduce-scatter; the next unit's all-gather is issued before this one computes,
+forward and backward, ``set_modules_to_{forward,backward}_prefetch``): the ViT embeddings, every ViT block,
+every LLM decoder layer; the rest of a stage (projector, token embedding, final norm, output layer)
 belongs to the stage root. Mixed precision: ``MixedPrecisionPolicy(param_dtype, reduce_dtype)`` (bf16 compute
 copies gathered from fp32 master shards, fp32 reduction by default). Gradients are *summed* over dp
 (``set_gradient_divide_factor(1)``): the loss is already divided by the global batch's weight. Frozen
@@ -74,11 +75,24 @@ def resolve_dtype(name: str, compute_dtype: torch.dtype) -> torch.dtype:
 
 def fsdp_units(stage) -> list[nn.Module]:
     """The modules of one ``StageModule`` that get their own all-gather (innermost first)."""
-    units: list[nn.Module] = []
+    return [unit for chain in unit_chains(stage) for unit in chain] + _unused_vit_layers(stage)
+
+
+def unit_chains(stage) -> list[list[nn.Module]]:
+    """Units in the order the forward runs them: the ViT's (embeddings, the blocks it runs) and the LLM's."""
+    chains = []
     if stage.is_first and stage.vision is not None:
-        units += [stage.vision.embeddings, *stage.vision.layers]
-    units += list(stage.layers)
-    return units
+        vision = stage.vision
+        chains.append([vision.embeddings, *vision.layers[: vision.num_layers_run]])
+    chains.append(list(stage.layers))
+    return [c for c in chains if c]
+
+
+def _unused_vit_layers(stage) -> list[nn.Module]:
+    """ViT blocks after ``select_layer`` (never run; sharded so that they cost 1/dp_shard of memory)."""
+    if not (stage.is_first and stage.vision is not None):
+        return []
+    return list(stage.vision.layers[stage.vision.num_layers_run :])
 
 
 def apply_fsdp(stages: list, mesh: ParallelMesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype) -> None:
@@ -92,6 +106,12 @@ def apply_fsdp(stages: list, mesh: ParallelMesh, param_dtype: torch.dtype, reduc
         # The root's own parameters (embeddings, projector, head) are gathered once per forward and kept
         # until the backward: resharding the root after forward only frees them to gather them again.
         fully_shard(stage, mesh=mesh.fsdp_mesh, mp_policy=policy, reshard_after_forward=False)
+        for chain in unit_chains(stage):  # explicit prefetch: the next unit's all-gather under this one
+            for i, unit in enumerate(chain):
+                if i + 1 < len(chain):
+                    unit.set_modules_to_forward_prefetch([chain[i + 1]])
+                if i > 0 and any(p.requires_grad for p in chain[i - 1].parameters()):
+                    unit.set_modules_to_backward_prefetch([chain[i - 1]])  # a frozen unit has no backward
         for module in stage.modules():
             if isinstance(module, FSDPModule):
                 # A plain sum (gloo has no pre-multiplied sum; a divide factor of 1 would need one).

@@ -234,7 +234,7 @@ class ParallelModel:
             sum(to_local(p).numel() for p in params),
             sum(to_local(p).numel() for p in trainable),
             self.pcfg,
-            self.mesh.dp // self.mesh.dp_shard,  # ZeRO-1 divides by dp; FSDP shards are already local
+            self.mesh.dp,
             dtype,
             dtype,
             self.mesh.pp_rank,
@@ -295,7 +295,9 @@ def parallelize(
     compute_dtype: torch.dtype | None = None,
 ) -> ParallelModel:
     """Build this rank's shard of the model directly from full tensors (or a seeded, layout-independent
-    init): nothing full-size is allocated beyond one tensor at a time from ``init_state_dict``."""
+    init): nothing full-size is allocated beyond one tensor at a time from ``init_state_dict``. With
+    ``pcfg.dp_shard`` > 1 the stages are then FSDP2-sharded, gathering parameters in ``compute_dtype`` when
+    ``pcfg.fsdp_param_dtype`` is "auto" (default ``dtype``)."""
     validate_layout(model_cfg, pcfg, mesh.tp * mesh.pp * mesh.dp)
     skeleton = build_rank_skeleton(model_cfg, pcfg, mesh)
     materialize(skeleton, model_cfg, torch.device(device), init_state_dict, seed, dtype)

@@ -88,9 +88,18 @@ class DevicePixels:
         self.shape = host.shape
 
     def prefetch(self) -> None:
-        """Start the host-to-device copy (asynchronous from pinned memory on CUDA)."""
-        if self.device_copy is None:
+        """Start the host-to-device copy: on CUDA from pinned memory on the feeder's copy stream, so it runs
+        under the running micro-batch's kernels."""
+        if self.device_copy is not None:
+            return
+        stream = self.feeder.copy_stream
+        if stream is None:
+            self.device_copy = self.host.to(self.device)
+            return
+        with torch.cuda.stream(stream):
             self.device_copy = self.host.to(self.device, non_blocking=self.host.is_pinned())
+            self.copied = torch.cuda.Event()
+            self.copied.record(stream)
 
     def __call__(self) -> torch.Tensor:
         from mllm.data.batch import normalize_pixels
@@ -98,6 +107,10 @@ class DevicePixels:
         self.feeder.using(self.index)
         self.prefetch()
         tiles, self.device_copy = self.device_copy, None
+        if self.feeder.copy_stream is not None:  # the compute stream waits for the copy, then owns the tiles
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(self.copied)
+            tiles.record_stream(current)
         return normalize_pixels(tiles) if tiles.dtype == torch.uint8 else tiles.float()
 
 
@@ -110,6 +123,7 @@ class PixelFeeder:
     def __init__(self, device: torch.device, ahead: int, runs_vision: bool) -> None:
         self.device, self.ahead, self.runs_vision = device, max(0, ahead), runs_vision
         self.handles: list[DevicePixels] = []
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" and runs_vision else None
 
     def wrap(self, micro_batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
         self.handles = []

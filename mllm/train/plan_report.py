@@ -13,7 +13,18 @@ from mllm.train.planner_search import apply_layout, plan_layout, search_layouts,
 # parallel.layout=auto picks among layouts whose estimated peak is at most this share of the GPU memory: a margin
 # for the estimate's error (the fragmentation allowance is already inside the estimate).
 AUTO_HEADROOM = 0.95
-COLUMNS = ("weights", "gathered", "grads", "optimizer", "activations", "logits", "pixels", "overhead")
+COLUMNS = (
+    "weights",
+    "gathered",
+    "grads",
+    "grad_buffers",
+    "optimizer",
+    "activations",
+    "logits",
+    "pixels",
+    "overhead",
+)
+HEADERS = ("weights", "gathered", "grads", "grad buf", "optim", "activ.", "logits", "pixels", "overhead")
 
 
 def _gib(x: float) -> str:
@@ -28,7 +39,7 @@ def assumptions(hw: Hardware) -> str:
 
 
 def format_ranks(p: LayoutPlan) -> str:
-    head = f"{'pp rank':>7} {'params':>9} {'trainable':>9} " + " ".join(f"{c[:8]:>8}" for c in COLUMNS)
+    head = f"{'pp rank':>7} {'params':>9} {'trainable':>9} " + " ".join(f"{h:>8}" for h in HEADERS)
     lines = [head + f" {'total GiB':>9}"]
     budget = p.hardware.gpu_memory_gib * GIB
     for r in p.ranks:

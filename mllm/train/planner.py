@@ -14,9 +14,10 @@ Memory of one rank (bytes), by category (``RankPlan.bytes``):
   kept from forward to backward) plus two units (the running one and the prefetched one); under pp the
   pipeline keeps a stage's units gathered between micro-batches (``PipelineStage`` turns resharding off until
   the step's last backward), so all of them;
-- ``grads``: fp32 gradients of trainable parameters (/ dp_shard), plus under FSDP2 the unsharded fp32
-  accumulation buffer between micro-batches when gradients are reduced once per step (no pipeline:
-  ``reduce_grads_every_micro_batch=false`` with accumulation > 1; pipeline: always);
+- ``grads``: fp32 gradients of trainable parameters (/ dp_shard);
+- ``grad_buffers``: under FSDP2 the unsharded fp32 accumulation buffer between micro-batches when gradients
+  are reduced once per step (no pipeline: ``reduce_grads_every_micro_batch=false`` with accumulation > 1;
+  pipeline: always), else two units' unsharded gradients being reduced;
 - ``optimizer``: AdamW's two fp32 moments of trainable parameters (/ dp_shard, or / dp with ZeRO-1);
 - ``activations``: ``mllm.train.dry_run.activation_bytes`` (Korthikanti et al., checkpointing, micro-batches in
   flight of the schedule);
@@ -335,9 +336,11 @@ def rank_plans(run: RunConfig, pcfg: ParallelConfig, world: int) -> list[RankPla
         b["grads"] = 4.0 * total.trainable / ds
         once_per_step = pcfg.pp > 1 or (accum > 1 and not pcfg.reduce_grads_every_micro_batch)
         if fsdp and once_per_step:
-            b["grads"] += 4.0 * total.trainable  # unsharded accumulation between micro-batches
+            b["grad_buffers"] = 4.0 * total.trainable  # unsharded accumulation between micro-batches
         elif fsdp:
-            b["grads"] += 2 * 4.0 * max((u.trainable for u in units), default=0)  # units being reduced
+            b["grad_buffers"] = 2 * 4.0 * max((u.trainable for u in units), default=0)  # units being reduced
+        else:
+            b["grad_buffers"] = 0.0
         optim = 8.0 * total.trainable / ds
         if pcfg.shard_optimizer and not fsdp:
             optim /= dp

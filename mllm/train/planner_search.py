@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 
 from mllm.train.config import RunConfig
-from mllm.train.planner import Hardware, LayoutPlan, plan
-from parallel.config import ParallelConfig
+from mllm.train.planner import GIB, Hardware, LayoutPlan, plan, rank_plans
+from parallel.config import ParallelConfig, validate_layout
 
 CHECKPOINTING = ((False, False), (False, True), (True, True))  # (vision, llm)
 LAYOUT_KEYS = (
@@ -114,10 +114,22 @@ def smallest_fitting_world(
     hw = hw or Hardware()
     world = start + 1
     while world <= limit:
-        if plan_layout(run, world, gpu_memory_gib, hw) is not None:
+        if any_layout_fits(run, world, gpu_memory_gib, hw):
             return world
         world = world + 1 if world < hw.gpus_per_node else (world // hw.gpus_per_node + 1) * hw.gpus_per_node
     return None
+
+
+def any_layout_fits(run: RunConfig, world: int, gpu_memory_gib: float, hw: Hardware) -> bool:
+    """Whether some layout's memory fits (no step-time estimates: stops at the first that fits)."""
+    for pcfg in candidate_layouts(run, world, hw):
+        try:
+            validate_layout(run.model, pcfg, world)
+        except ValueError:
+            continue
+        if max(r.total_bytes for r in rank_plans(run, pcfg, world)) <= gpu_memory_gib * GIB:
+            return True
+    return False
 
 
 def apply_layout(pcfg: ParallelConfig, chosen: ParallelConfig) -> ParallelConfig:

@@ -34,6 +34,7 @@ WORLD2 = [
     ("fsdp_resume", "test_fsdp_train:dp_shard_resume", ()),
     ("finetune_flows", "test_finetune_flow:finetune_flows", ()),
     ("frozen_bf16", "test_finetune_flow:frozen_in_bf16", ()),
+    ("planner_memory", "test_fsdp_train:measured_vs_planned", ()),
 ]
 WORLD4 = [
     ("tp2xpp2", "test_resume:straight_vs_resumed", (["parallel.tp=2", "parallel.pp=2"],)),
