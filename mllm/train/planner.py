@@ -42,16 +42,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from mllm.model.config import ModelConfig
 from mllm.train.config import RunConfig
 from mllm.train.dry_run import activation_bytes, flops_per_step
 from parallel.config import ParallelConfig, validate_layout
-from parallel.pipeline import (
-    llm_layer_flops_per_token,
-    resolve_layers_per_stage,
-    stage_layer_indices,
-    stages_of_pp_rank,
-    vision_flops_per_llm_token,
-)
+from parallel.pipeline import resolve_layers_per_stage, stage_layer_indices, stages_of_pp_rank
 
 GIB = 2**30
 CUDA_CONTEXT_GIB = (
@@ -364,6 +359,23 @@ def _ring(bytes_: float, n: int, bw: float, all_reduce: bool = False) -> float:
     if n <= 1:
         return 0.0
     return (2.0 if all_reduce else 1.0) * (n - 1) / n * bytes_ / bw
+
+
+def llm_layer_flops_per_token(cfg: ModelConfig) -> float:
+    """Training FLOPs (forward + backward = 6 x multiply-adds) of one decoder layer per token."""
+    t = cfg.text
+    attn = t.hidden_size * t.resolved_head_dim * (2 * t.num_heads + 2 * t.num_kv_heads)
+    return 6.0 * (attn + 3 * t.hidden_size * t.intermediate_size)
+
+
+def vision_flops_per_llm_token(cfg: ModelConfig, image_token_fraction: float) -> float:
+    """ViT + projector training FLOPs per LLM token, when ``image_token_fraction`` of the tokens are image."""
+    v = cfg.vision
+    layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
+    vit = 6.0 * layer * v.num_layers * (v.num_patches + 1)
+    proj_in = v.hidden_size * int(1 / cfg.downsample_ratio) ** 2
+    projector = 6.0 * (proj_in + cfg.text.hidden_size) * cfg.text.hidden_size * cfg.num_image_token
+    return (vit + projector) / cfg.num_image_token * image_token_fraction
 
 
 def step_time(run: RunConfig, pcfg: ParallelConfig, world: int, ranks: list[RankPlan], hw: Hardware) -> dict:
