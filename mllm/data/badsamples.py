@@ -16,10 +16,12 @@ REASONS = (
     "reserved_token_in_text",  # <img>, </img> or <IMG_CONTEXT> written literally in the text
     "tokenization_mismatch",  # a token straddles an answer boundary
     "no_supervised_tokens",
-    "too_long",  # longer than a packed row; image tokens are never truncated
+    "too_long",  # longer than a packed row and data.too_long=reject, or a cut would fall in an image's tokens
     "too_many_tiles",  # more tiles than a row may hold
     "missing_image",
     "corrupt_image",  # unreadable, truncated or not an image
+    "missing_video",
+    "corrupt_video",  # no decodable frames, unknown container
     "unreadable_shard",
 )
 
@@ -40,6 +42,10 @@ class BadSampleCounter:
         self.seen: Counter[str] = Counter()
         self.bad: dict[str, Counter[str]] = {}
         self.examples: dict[str, str] = {}  # dataset -> one example "key: reason (detail)"
+        self.truncated: Counter[str] = Counter()  # samples cut to seq_len (kept, not rejections)
+
+    def record_truncated(self, dataset: str) -> None:
+        self.truncated[dataset] += 1
 
     def record_ok(self, dataset: str) -> None:
         self.seen[dataset] += 1
@@ -82,6 +88,8 @@ class BadSampleCounter:
         """Flat metrics for the trainer's logger."""
         out: dict[str, float] = {"data/bad_fraction": self.bad_fraction, "data/seen": float(self.num_seen)}
         out.update({f"data/bad/{reason}": float(n) for reason, n in self.counts().items()})
+        if self.truncated:
+            out["data/truncated"] = float(sum(self.truncated.values()))
         return out
 
     def check(self) -> None:
@@ -108,9 +116,11 @@ class BadSampleCounter:
             "seen": dict(self.seen),
             "bad": {d: dict(c) for d, c in self.bad.items()},
             "examples": dict(self.examples),
+            "truncated": dict(self.truncated),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.seen = Counter(state["seen"])
         self.bad = {d: Counter(c) for d, c in state["bad"].items()}
         self.examples = dict(state["examples"])
+        self.truncated = Counter(state.get("truncated", {}))

@@ -265,6 +265,8 @@ class PackedLoader:
             self._plan_bad.record_bad(item.dataset, item.reason, item.key, item.detail)
             return
         self._plan_bad.record_ok(item.dataset)
+        if item.truncated:
+            self._plan_bad.record_truncated(item.dataset)
         self._store[k] = item
         self.packer.add(k, item.tokens, item.tiles)
 

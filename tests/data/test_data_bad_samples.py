@@ -35,7 +35,11 @@ def write_bad_dataset(synth_dir, out, n_good=40):
         {"image": "does_not_exist.jpg", "conversations": q},  # missing_image
         {"image": good[0]["image"], "conversations": []},  # empty_conversation
         {"image": good[0]["image"], "conversations": [{"from": "human", "value": "<image><image>x"}, q[1]]},
-        {"conversations": [q[0], {"from": "gpt", "value": "word " * 900}]},  # too_long
+        # too_long: truncation (data.too_long's default) would cut before the image's tokens
+        {
+            "image": good[0]["image"],
+            "conversations": [{"from": "human", "value": "word " * 900 + "<image>"}, q[1]],
+        },
     ]
     lines = [json.dumps(r) for r in good + bad] + ["{not json"]
     (out / "bad.jsonl").write_text("\n".join(lines) + "\n")
