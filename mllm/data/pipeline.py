@@ -20,7 +20,7 @@ from mllm.data.augment import degrade_tiles
 from mllm.data.config import DataConfig
 from mllm.data.conversation import ConversationTokenizer, Rejected
 from mllm.data.sampling import Fetcher, SampleOrder
-from mllm.data.sources import RawSample, Source, media_kind
+from mllm.data.sources import RawSample, Source, image_names, media_kind
 from mllm.data.templates import get_template
 from mllm.data.tiling import decode_tiles, num_tiles, open_image, per_image_max_tiles, select_grid
 from mllm.data.video import Video, choose_frames, video_tiles
@@ -118,11 +118,11 @@ class SampleProcessor:
         budget = per_image_max_tiles(self.max_tiles[raw.dataset], len(raw.images))
         lo = min(cfg.min_dynamic_patch, budget)
         tiles_per_image = []
-        for data in raw.images:
+        for name, data in zip(image_names(record), raw.images):
             try:
                 width, height = open_image(data).size
             except Exception as e:  # noqa: BLE001 - whatever PIL raises, the image is unusable
-                raise Rejected("corrupt_image", f"{type(e).__name__}: {e}") from None
+                raise Rejected("corrupt_image", f"{name}: {type(e).__name__}: {e}") from None
             grid = select_grid(width, height, lo, budget, cfg.tile_size)
             tiles_per_image.append(num_tiles(grid, cfg.use_thumbnail))
         out.tiles = sum(tiles_per_image)

@@ -1,0 +1,75 @@
+"""`python -m mllm.data stats` (the data audit) and `prepare --check`."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from test_data_bad_samples import write_bad_dataset
+
+from mllm.data.__main__ import main
+from mllm.data.stats import epoch_samples
+
+
+def run_cli(capsys, *argv) -> str:
+    assert main(list(argv)) == 0
+    return capsys.readouterr().out
+
+
+def test_stats_on_the_synthetic_data(synth_dir, capsys):
+    start = time.perf_counter()
+    out = run_cli(
+        capsys, "stats", str(synth_dir.meta), "--tokenizer", str(synth_dir.tokenizer),
+        "--config-name", "tiny_sft", "--json",
+    )  # fmt: skip
+    elapsed = time.perf_counter() - start
+    assert elapsed < 30, f"stats took {elapsed:.1f} s"
+    report = json.loads(out)
+    meta = json.loads(synth_dir.meta.read_text())
+    assert set(report["datasets"]) == set(meta)
+    for name, d in report["datasets"].items():
+        lines = len((synth_dir.out_dir / meta[name]["annotation"]).read_text().splitlines())
+        assert d["lines"] == lines
+        assert d["accepted"] + sum(r["count"] for r in d["rejected"].values()) == lines
+        assert sum(d["tiles_hist"].values()) == sum(d["tokens_hist"].values()) == d["accepted"]
+        assert sum(int(k) * v for k, v in d["tiles_hist"].items()) == d["tiles"]
+        assert abs(d["image_token_fraction"] - d["tiles"] * 4 / d["tokens"]) < 1e-9  # tiny_sft: 4 per tile
+    # InternVL's repeat_time: synth_text has 0.5, so the first half of its lines
+    text = report["datasets"]["synth_text"]
+    assert text["samples_per_epoch"] == text["lines"] // 2 == epoch_samples(text["lines"], 0.5)
+    assert epoch_samples(10, 3) == 30 and epoch_samples(10, 1) == 10
+    total = report["total"]
+    assert total["samples_per_epoch"] == sum(d["samples_per_epoch"] for d in report["datasets"].values())
+    assert total["steps_per_epoch"] == -(-total["rows_per_epoch"] // 4)  # tiny_sft: global batch 4 rows
+    assert total["rows_per_epoch"] * 256 >= total["tokens_per_epoch"]
+    human = run_cli(capsys, "stats", str(synth_dir.meta), "--tokenizer", str(synth_dir.tokenizer))
+    assert "synth_en:" in human and "tiles per sample" in human and "steps per epoch" not in human
+
+
+def test_stats_and_prepare_check_report_bad_samples(synth_dir, tmp_path, capsys):
+    meta, n_good, n_bad = write_bad_dataset(synth_dir, tmp_path / "data")
+    argv = [
+        "stats",
+        str(meta),
+        "--tokenizer",
+        str(synth_dir.tokenizer),
+        "--config-name",
+        "tiny_sft",
+        "--json",
+    ]
+    report = json.loads(run_cli(capsys, *argv))  # tiny_sft: 256-token rows, so the long sample is too long
+    mixed = report["datasets"]["mixed"]
+    assert mixed["accepted"] == n_good + 1  # the truncated JPEG passes stage 1 (its header is fine)
+    assert {
+        "missing_image",
+        "empty_conversation",
+        "placeholder_mismatch",
+        "too_long",
+        "bad_annotation",
+    } <= set(mixed["rejected"])
+    assert "garbage.jpg" in mixed["rejected"]["corrupt_image"]["example"]
+    out = run_cli(capsys, "prepare", str(meta), str(tmp_path / "shards"), "--check")
+    assert "1 files missing, 2 unreadable" in out
+    assert "truncated.jpg" in out and "garbage.jpg" in out
+    index = json.loads((tmp_path / "shards" / "index.json").read_text())
+    assert index["datasets"]["mixed"]["unreadable"]["count"] == 2
