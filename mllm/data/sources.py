@@ -119,11 +119,17 @@ def media_kind(record: dict) -> str | None:
     return "video" if record.get("video") else None
 
 
-def load_video(sample: RawSample, root: str, name: str) -> None:
+def load_video(sample: RawSample, root: str, record: dict) -> None:
+    name = str(record["video"])
     try:
-        sample.video = Video.from_path(name, storage.join(root, name))
+        sample.video = Video.from_path(name, storage.join(root, name), video_clip(record))
     except Exception as e:  # noqa: BLE001 - missing file, permission, remote error: the sample is rejected
         sample.video_error = f"{name}: {getattr(e, 'strerror', None) or e}"
+
+
+def video_clip(record: dict) -> tuple[float, float] | None:
+    clip = record.get("clip")
+    return (float(clip[0]), float(clip[1])) if clip else None
 
 
 def parse_line(line: str) -> tuple[dict | None, tuple[str, str] | None]:
@@ -187,7 +193,7 @@ class JsonlSource(Source):
 
     def _load_images(self, sample: RawSample, record: dict) -> None:
         if media_kind(record) == "video":
-            load_video(sample, self.spec.root, str(record["video"]))
+            load_video(sample, self.spec.root, record)
             return
         for name in image_names(record):
             try:
@@ -233,7 +239,7 @@ class ShardSource(Source):
             data = [item[k] for k in frames] or [v for k, v in item.items() if k.startswith("video.")]
             name = str(record["video"])
             kind = "frames" if frames else "gif" if name.lower().endswith(".gif") else "container"
-            sample.video = Video(name, kind, data) if data else None
+            sample.video = Video(name, kind, data, video_clip(record)) if data else None
             sample.video_error = "" if data else f"{name}: not in shard"
         elif record is not None:
             for i, name in enumerate(image_names(record)):

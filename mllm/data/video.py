@@ -33,15 +33,18 @@ class Video:
     name: str
     kind: str  # "container", "gif" or "frames"
     data: list[bytes]  # the encoded file, or each frame's encoded image in order
+    clip: tuple[float, float] | None = (
+        None  # (start, end) seconds of a container to sample from (InternVL's `clip`)
+    )
 
     @classmethod
-    def from_path(cls, name: str, path: str) -> Video:
+    def from_path(cls, name: str, path: str, clip: tuple[float, float] | None = None) -> Video:
         """A video file, or a folder of frames (a path that is a directory or ends with '/'); local or URL."""
         if path.endswith("/") or storage.is_dir(path):
             frames = sort_frames(storage.listdir(path))
             return cls(name, "frames", [storage.read_bytes(storage.join(path, f)) for f in frames])
         kind = "gif" if path.lower().endswith(GIF_EXT) else "container"
-        return cls(name, kind, [storage.read_bytes(path)])
+        return cls(name, kind, [storage.read_bytes(path)], clip if kind == "container" else None)
 
 
 def sort_frames(names: list[str]) -> list[str]:
@@ -56,17 +59,27 @@ def sort_frames(names: list[str]) -> list[str]:
 
 def frame_count(video: Video) -> int:
     """Frames in the video (container header, GIF frame count, or files in the folder)."""
+    return frame_range(video)[1]
+
+
+def frame_range(video: Video) -> tuple[int, int]:
+    """(first frame, frame count) to sample from: the whole video, or a container's `clip` as InternVL's
+    read_frames_decord computes it (start = int(start_s * fps), count = int((end_s - start_s) * fps))."""
     if video.kind == "frames":
-        return len(video.data)
+        return 0, len(video.data)
     if video.kind == "gif":
-        return int(getattr(Image.open(io.BytesIO(video.data[0])), "n_frames", 1))
+        return 0, int(getattr(Image.open(io.BytesIO(video.data[0])), "n_frames", 1))
     import av
 
     with av.open(io.BytesIO(video.data[0])) as container:
         stream = container.streams.video[0]
+        if video.clip is not None:
+            fps = float(stream.average_rate)
+            start, end = (float(t) for t in video.clip)
+            return int(start * fps), int((end - start) * fps)
         if stream.frames:
-            return int(stream.frames)
-        return sum(1 for p in container.demux(stream) if p.size)  # no count in the header: count packets
+            return 0, int(stream.frames)
+        return 0, sum(1 for p in container.demux(stream) if p.size)  # no count in the header: count packets
 
 
 class Uniforms:
@@ -144,7 +157,8 @@ def choose_frames(
     video: Video, min_frames: int, max_frames: int, seed: int, rank: int, pos: int
 ) -> list[int]:
     """This sample's frame indices; raises on an unreadable video."""
-    vlen = frame_count(video)
+    first, vlen = frame_range(video)
     if vlen < 1:
-        raise ValueError(f"{video.name}: no frames")
-    return sample_frames(video, vlen, min_frames, max_frames, Uniforms(seed, rank, pos, 0x766964))
+        raise ValueError(f"{video.name}: no frames" + (f" in clip {video.clip}" if video.clip else ""))
+    drawn = sample_frames(video, vlen, min_frames, max_frames, Uniforms(seed, rank, pos, 0x766964))
+    return [first + i for i in drawn]

@@ -17,7 +17,16 @@ from conftest import small_config
 from PIL import Image
 
 from mllm.data import build_loader
-from mllm.data.video import Uniforms, Video, frame_count, frame_indices, sample_frames
+from mllm.data.video import (
+    Uniforms,
+    Video,
+    choose_frames,
+    frame_count,
+    frame_indices,
+    frame_range,
+    sample_frames,
+    video_tiles,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 COLOURS = [(200, 30, 30), (30, 170, 60), (30, 60, 220), (235, 210, 20)]
@@ -108,6 +117,14 @@ def test_readers_return_what_internvls_return(video_meta):
         assert sample_frames(folder, 5, 8, 8, Uniforms(seed)) == list(range(5))  # all, when not more
         few = sample_frames(folder, 5, 2, 3, Uniforms(seed))
         assert len(few) in (2, 3) and len(set(few)) == len(few)
+    # InternVL's `clip` (seconds): 4 fps, (1.0, 2.0) -> frames 4..7
+    clipped = Video.from_path("clip.mp4", str(videos / "clip.mp4"), clip=(1.0, 2.0))
+    assert frame_range(clipped) == (4, 4)
+    for seed in range(5):
+        indices = choose_frames(clipped, 2, 3, seed, 0, 0)
+        assert len(indices) in (2, 3) and all(4 <= i < 8 for i in indices)
+        tiles = video_tiles(clipped, indices, 28, fast=False)
+        assert tiles.shape == (len(indices), 3, 28, 28)
 
 
 def test_video_samples_get_one_tile_per_frame_and_frame_prompts(synth_dir, video_meta):
