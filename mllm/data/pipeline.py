@@ -106,6 +106,8 @@ class SampleProcessor:
         if "conversations" not in record:
             raise Rejected("bad_annotation", "record has no 'conversations'")
         media = media_kind(record)
+        if media == "invalid":
+            raise Rejected("bad_annotation", "'image' is not a string or list, or 'video' not a string")
         if media == "video":
             tiles_per_image = self._video_frames(raw, out)
             out.tiles = len(tiles_per_image)

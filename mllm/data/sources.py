@@ -106,17 +106,20 @@ def load_meta(path: str | os.PathLike) -> list[DatasetSpec]:
 def image_names(record: dict) -> list[str]:
     """The record's image paths: `image` may be a string, a list, or absent/empty (text-only, as InternVL)."""
     image = record.get("image")
-    if not image:
-        return []
-    return [image] if isinstance(image, str) else list(image)
+    if isinstance(image, str):
+        return [image] if image else []
+    return [str(i) for i in image] if isinstance(image, list) else []
 
 
 def media_kind(record: dict) -> str | None:
-    """ "image" (one, as a string), "images" (a list), "video", or None (text): InternVL's __getitem__ order."""
-    image = record.get("image")
+    """How the record carries pixels, in InternVL's __getitem__ order: "image" (one, as a string), "images" (a
+    list), "video", None (text), or "invalid" (an `image`/`video` value of another type, rejected)."""
+    image, video = record.get("image"), record.get("video")
     if image:
-        return "image" if isinstance(image, str) else "images"
-    return "video" if record.get("video") else None
+        return "image" if isinstance(image, str) else "images" if isinstance(image, list) else "invalid"
+    if video:
+        return "video" if isinstance(video, str) else "invalid"
+    return None
 
 
 def load_video(sample: RawSample, root: str, record: dict) -> None:

@@ -48,6 +48,9 @@ def test_stats_on_the_synthetic_data(synth_dir, capsys):
 
 def test_stats_and_prepare_check_report_bad_samples(synth_dir, tmp_path, capsys):
     meta, n_good, n_bad = write_bad_dataset(synth_dir, tmp_path / "data")
+    annotation = tmp_path / "data" / "bad.jsonl"  # an image value of the wrong type first: never read as text
+    q = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+    annotation.write_text(json.dumps({"image": 5, "conversations": q}) + "\n" + annotation.read_text())
     argv = [
         "stats",
         str(meta),
@@ -68,6 +71,7 @@ def test_stats_and_prepare_check_report_bad_samples(synth_dir, tmp_path, capsys)
         "bad_annotation",
     } <= set(mixed["rejected"])
     assert "garbage.jpg" in mixed["rejected"]["corrupt_image"]["example"]
+    assert "'image' is not a string or list" in mixed["rejected"]["bad_annotation"]["example"]
     out = run_cli(capsys, "prepare", str(meta), str(tmp_path / "shards"), "--check")
     assert "1 files missing, 2 unreadable" in out
     assert "truncated.jpg" in out and "garbage.jpg" in out
