@@ -146,14 +146,16 @@ class SampleProcessor:
     def stage2(self, item: Stage1Result) -> np.ndarray:
         """Decode and tile the sample's images -> uint8 [tiles, 3, T, T]; Rejected on a bad image."""
         cfg = self.cfg
+        augment = self.augment.get(item.dataset, False)
         if item.video is not None:
             try:
-                return video_tiles(item.video, item.frames, cfg.tile_size, cfg.fast_decode)
+                tiles = video_tiles(item.video, item.frames, cfg.tile_size, cfg.fast_decode)
             except Exception as e:  # noqa: BLE001 - a frame that does not decode
                 raise Rejected("corrupt_video", f"{type(e).__name__}: {e}") from None
+            # InternVL's video transform is the same per-tile build_transform(is_train=data_augment)
+            return degrade_tiles(tiles, cfg.seed, self.rank, item.pos, 0) if augment else tiles
         if not item.images:
             return np.zeros((0, 3, cfg.tile_size, cfg.tile_size), dtype=np.uint8)
-        augment = self.augment.get(item.dataset, False)
         parts = []
         for i, (data, (lo, hi)) in enumerate(zip(item.images, item.tile_limits)):
             try:

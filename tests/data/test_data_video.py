@@ -159,3 +159,16 @@ def test_a_video_dataset_trains_with_tiles(synth_dir, video_meta, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == 2 and all(s["tiles"] > 0 and np.isfinite(s["loss"]) for s in steps)
+
+
+def test_data_augment_degrades_video_frames_too(synth_dir, video_meta, tmp_path):
+    # InternVL applies the dataset's transform (JPEG degradation with data_augment) to every frame.
+    meta = json.loads(video_meta.read_text())
+    meta["clips"]["data_augment"] = True
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    cfg = dict(min_num_frame=2, max_num_frame=4, shuffle_buffer=4)
+    plain = next(iter(build_loader(small_config(video_meta, synth_dir.tokenizer, **cfg))))
+    augmented = next(iter(build_loader(small_config(tmp_path / "meta.json", synth_dir.tokenizer, **cfg))))
+    assert np.array_equal(plain.input_ids.numpy(), augmented.input_ids.numpy())
+    diff = np.abs(plain.pixel_values.numpy().astype(int) - augmented.pixel_values.numpy().astype(int))
+    assert plain.pixel_values.shape == augmented.pixel_values.shape and 0 < diff.mean() < 20
