@@ -92,7 +92,7 @@ class SampleProcessor:
             raise Rejected("missing_video", raw.video_error)
         try:
             frames = choose_frames(
-                raw.video, self.cfg.min_num_frame, self.cfg.max_num_frame, self.cfg.seed, self.rank, out.pos
+                raw.video, self.cfg.min_num_frame, self.cfg.max_num_frame, self.cfg.seed, out.pos
             )
         except Exception as e:  # noqa: BLE001 - whatever the decoder raises, the video is unusable
             raise Rejected("corrupt_video", f"{raw.video.name}: {type(e).__name__}: {e}") from None
@@ -188,7 +188,7 @@ def stage1_stream(
         order.load_state_dict(order_state)
     fetcher = Fetcher(sources, order)
     fetcher.start_at_pending()
-    processor = SampleProcessor(cfg, sources, rank)
+    processor = SampleProcessor(cfg, sources)
     while True:
         k, ref = order.next()
         if k % num_workers != worker:

@@ -8,8 +8,8 @@ imageio; a folder of frame images is read in InternVL's order (the number in `*_
 returns is InternVL's too: a container always yields the drawn count (short videos repeat their last frame), a
 GIF its distinct sampled frames, a folder all its frames when it has no more than the drawn count.
 
-Randomness is a hash of (seed, dp rank, sample position), so frames are the same for any number of workers and
-on resume, and differ between epochs.
+Randomness is a hash of (seed, sample position in the stream), so frames are the same for any number of workers
+and on resume, and differ between epochs.
 """
 
 from __future__ import annotations
@@ -153,12 +153,10 @@ def video_tiles(video: Video, indices: list[int], tile_size: int, fast: bool) ->
     )
 
 
-def choose_frames(
-    video: Video, min_frames: int, max_frames: int, seed: int, rank: int, pos: int
-) -> list[int]:
+def choose_frames(video: Video, min_frames: int, max_frames: int, seed: int, pos: int) -> list[int]:
     """This sample's frame indices; raises on an unreadable video."""
     first, vlen = frame_range(video)
     if vlen < 1:
         raise ValueError(f"{video.name}: no frames" + (f" in clip {video.clip}" if video.clip else ""))
-    drawn = sample_frames(video, vlen, min_frames, max_frames, Uniforms(seed, rank, pos, 0x766964))
+    drawn = sample_frames(video, vlen, min_frames, max_frames, Uniforms(seed, pos, 0x766964))
     return [first + i for i in drawn]

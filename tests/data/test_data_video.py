@@ -121,7 +121,7 @@ def test_readers_return_what_internvls_return(video_meta):
     clipped = Video.from_path("clip.mp4", str(videos / "clip.mp4"), clip=(1.0, 2.0))
     assert frame_range(clipped) == (4, 4)
     for seed in range(5):
-        indices = choose_frames(clipped, 2, 3, seed, 0, 0)
+        indices = choose_frames(clipped, 2, 3, seed, 0)
         assert len(indices) in (2, 3) and all(4 <= i < 8 for i in indices)
         tiles = video_tiles(clipped, indices, 28, fast=False)
         assert tiles.shape == (len(indices), 3, 28, 28)
