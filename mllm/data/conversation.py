@@ -1,7 +1,7 @@
 """Conversation -> token ids and loss targets, with `<image>` expansion, truncation and explicit rejections.
 
 The conversation is prepared exactly as InternVL's `LazySupervisedDataset` + its template's preprocessing function
-prepare it (see templates.py for the per-template rules): `<image>\n` is put before the first turn of a
+prepare it (see templates.py for the per-template rules): `<image>\n` is put before the first question of a
 single-image sample without a placeholder, `<video>\n` becomes `Frame-i: <image>` lines, and the first turn is
 dropped when it is the assistant's under the templates that need alternation.
 
@@ -117,6 +117,7 @@ def parse_turns(
 
 
 def check_placeholders(turns: list[tuple[str, str]], n_images: int, media: str) -> None:
+    """Reject reserved tokens typed in text, `<image>` in answers and a placeholder count != the images'."""
     for _, text in turns:
         for token in RESERVED:
             if token in text:
