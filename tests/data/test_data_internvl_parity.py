@@ -223,3 +223,19 @@ def test_multi_image_without_placeholders_is_rejected_as_internvl_fails_it(token
     with pytest.raises(Rejected, match="Image-1") as e:
         ours("internvl2_5", record, [1, 1], tokenizers["none"])
     assert e.value.reason == "placeholder_mismatch"
+
+
+@pytest.mark.parametrize("template,family", PAIRS)
+def test_a_question_after_the_last_answer_is_kept_unsupervised(tokenizers, template, family):
+    # docs/data.md: InternVL supervises it (internlm2-chat) or masks the whole sample (Hermes-2, phi3-chat);
+    # internvl2_5 keeps it unsupervised, as we do for every template. The ids are InternVL's in every case.
+    record = {"conversations": turns("1 plus 1?", "2.", "And 2 plus 2?")}
+    tok = tokenizers[family]
+    ref_ids, ref_labels = internvl_item(template, record, [], tok)
+    ids, labels, _ = ours(template, record, [], tok)
+    answered_ids, answered_labels, _ = ours(template, {"conversations": turns("1 plus 1?", "2.")}, [], tok)
+    n = len(answered_ids)
+    assert np.array_equal(ids, ref_ids) and np.array_equal(ids[:n], answered_ids)
+    assert np.array_equal(labels[:n], answered_labels) and (labels[n:] == -100).all()
+    if template == "internvl2_5":
+        assert np.array_equal(labels, ref_labels)
