@@ -106,7 +106,10 @@ def test_meta_on_s3_reads_exactly_like_local_files(remote_data):
     assert (
         specs["synth_en"].annotation == f"s3://{BUCKET}/raw/synth_en.jsonl"
     )  # relative to the meta's folder
-    remote, bad = first_batches(small_config(url, local.tokenizer, min_num_frame=2, max_num_frame=3))
+    # two loader workers: s3fs clients must survive the fork
+    remote, bad = first_batches(
+        small_config(url, local.tokenizer, min_num_frame=2, max_num_frame=3, num_workers=2)
+    )
     ours, _ = first_batches(small_config(local_meta, local.tokenizer, min_num_frame=2, max_num_frame=3))
     assert not bad and sum(int(b.pixel_values.shape[0]) for b in remote) > 0
     assert_same_batches(remote, ours)
