@@ -1,7 +1,8 @@
 """Packing benchmark: fill and dp balance of the FLOP-balanced packer vs naive padding and greedy first-fit.
 
 Synthetic SFT-like mix (tiles 1..12 with thumbnail, text 30..4000 tokens, some text-only and multi-image
-samples), rows of 8192 tokens, 8 dp ranks each packing its own stream; a step gives every rank its next row.
+samples), rows of 8192 tokens packed from one global stream (as the loader does); a step is the next 8 rows, one
+per dp rank: dealt by FLOPs (`assign_rows`) for our packer, in order for the baselines.
 Prints a table and a final JSON line with `fill`, `dp_imbalance` and the packer's samples/s.
 
     .venv/bin/python bench/packing.py [--samples-per-rank 3000]
@@ -19,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mllm.data.packing import FlopModel, Packer, row_level  # noqa: E402
+from mllm.data.packing import FlopModel, Packer, assign_rows, row_level  # noqa: E402
 from mllm.data.tiling import num_tiles, per_image_max_tiles, select_grid  # noqa: E402
 
 SEQ = 8192
@@ -82,23 +83,25 @@ def balanced_rows(stream: list[tuple[int, int]], flops: FlopModel, buffer: int =
     for i, (tok, til) in enumerate(stream):
         packer.add(i, tok, til)
         if packer.ready():
-            rows.append(packer.pop_row(row_level(len(rows))))
+            rows.append(packer.pop_row(row_level(len(rows) // RANKS)))  # one level per step
     return rows  # the tail still buffered is the next rows' material, as in a streaming run
 
 
-def evaluate(streams, rows_per_rank, flops: FlopModel) -> dict:
-    steps = min(len(r) for r in rows_per_rank)
+def evaluate(stream, rows, flops: FlopModel, deal: bool) -> dict:
+    steps = len(rows) // RANKS
     fill_num = fill_den = 0
     ratios = []
     for s in range(steps):
-        step_flops = []
-        for rank in range(RANKS):
-            members = rows_per_rank[rank][s]
-            tok = np.array([streams[rank][i][0] for i in members])
-            til = np.array([streams[rank][i][1] for i in members])
+        step_rows = rows[s * RANKS : (s + 1) * RANKS]
+        row_flops = []
+        for members in step_rows:
+            tok = np.array([stream[i][0] for i in members])
+            til = np.array([stream[i][1] for i in members])
             fill_num += int(tok.sum())
             fill_den += SEQ
-            step_flops.append(float(np.sum(flops.sample(tok, til))))
+            row_flops.append(float(np.sum(flops.sample(tok, til))))
+        order = assign_rows(row_flops, RANKS) if deal else [[r] for r in range(RANKS)]
+        step_flops = [sum(row_flops[i] for i in mine) for mine in order]
         ratios.append(max(step_flops) / np.mean(step_flops))
     return {"fill": fill_num / fill_den, "dp_imbalance": float(np.mean(ratios)), "steps": steps}
 
@@ -109,7 +112,7 @@ def main() -> None:
     ap.add_argument("--buffer", type=int, default=256)
     args = ap.parse_args()
     flops = FlopModel()
-    streams = [make_stream(1000 + r, args.samples_per_rank) for r in range(RANKS)]
+    stream = make_stream(1000, args.samples_per_rank * RANKS)
     results = {}
     for name, fn in (
         ("naive padding", naive_rows),
@@ -117,10 +120,10 @@ def main() -> None:
         ("flop-balanced", lambda s: balanced_rows(s, flops, args.buffer)),
     ):
         t0 = time.perf_counter()
-        rows = [fn(s) for s in streams]
+        rows = fn(stream)
         dt = time.perf_counter() - t0
-        res = evaluate(streams, rows, flops)
-        res["samples_per_s"] = sum(len(s) for s in streams) / dt
+        res = evaluate(stream, rows, flops, deal=name == "flop-balanced")
+        res["samples_per_s"] = len(stream) / dt
         results[name] = res
     print(f"{'packer':<18} {'fill':>7} {'dp_imbalance':>13} {'steps':>6} {'samples/s':>10}")
     for name, r in results.items():

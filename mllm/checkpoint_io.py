@@ -23,6 +23,7 @@ from torch import nn
 
 from mllm.convert.errors import CheckpointError
 from mllm.model.config import ModelConfig, TextConfig, VisionConfig
+from mllm.model.lora import LoraConfig
 
 FORMAT_NAME = "mllm-native"
 FORMAT_VERSION = 1
@@ -54,7 +55,8 @@ def config_from_dict(d: dict[str, Any], where: str = CONFIG_FILE) -> ModelConfig
     model = dict(d["model"])
     vision = _build(VisionConfig, model.pop("vision"), f"{where} model.vision")
     text = _build(TextConfig, model.pop("text"), f"{where} model.text")
-    return _build(ModelConfig, {**model, "vision": vision, "text": text}, f"{where} model")
+    lora = _build(LoraConfig, model.pop("lora", {}), f"{where} model.lora")  # absent before LoRA existed
+    return _build(ModelConfig, {**model, "vision": vision, "text": text, "lora": lora}, f"{where} model")
 
 
 def _fsync_tree(root: Path) -> None:

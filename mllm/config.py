@@ -178,6 +178,7 @@ def _validate_tiles(run: RunConfig) -> None:
 def _validate_train(run: RunConfig) -> None:
     t, c = run.train, run.checkpoint
     _check(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
+    _check(t.epochs is None or t.epochs >= 1, f"train.epochs={t.epochs} must be >= 1 (or null: train.steps)")
     _check(t.dtype in ("auto", "bf16", "fp32"), f"train.dtype={t.dtype!r} must be auto, bf16 or fp32")
     _check(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r} must be auto, cpu or cuda")
     _check(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite must be >= 1")

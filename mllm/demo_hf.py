@@ -1,6 +1,6 @@
 """``make demo`` steps after training: trainer checkpoint -> our model -> transformers, and one question.
 
-``load_checkpoint_model`` reads the trainer's DCP checkpoint (any tp/pp/dp layout, ``mllm.train.export``) into
+``load_checkpoint_model`` reads the trainer's DCP checkpoint (any tp/pp/dp layout, ``mllm.convert.trainer_checkpoint``) into
 our single-device model in one process without a process group; ``mllm.hf.save`` then writes the transformers
 format (``python -m mllm.convert export-hf STEP_DIR OUT --format transformers`` does both in one go).
 """
@@ -17,6 +17,7 @@ import torch
 
 import mllm.hf
 from mllm.convert.core import write_hf
+from mllm.convert.trainer_checkpoint import read_trainer_checkpoint
 from mllm.data.batch import normalize_pixels
 from mllm.data.config import DataConfig
 from mllm.data.conversation import ConversationTokenizer
@@ -25,7 +26,6 @@ from mllm.data.templates import get_template
 from mllm.data.tiling import decode_tiles, per_image_max_tiles
 from mllm.model.config import ModelConfig
 from mllm.model.internvl import InternVLModel
-from mllm.train.export import read_trainer_checkpoint
 
 
 def load_checkpoint_model(ckpt_dir: str | os.PathLike, cfg: ModelConfig | None = None) -> InternVLModel:
@@ -33,7 +33,7 @@ def load_checkpoint_model(ckpt_dir: str | os.PathLike, cfg: ModelConfig | None =
 
     ``cfg``: the model config the run was trained with (the recipe's ``model``; default: the checkpoint's
     ``model_config.json``); a checkpoint of another model is refused with one line naming the tensors that do
-    not fit. The same reader serves ``python -m mllm.convert export-hf`` (``mllm.train.export``).
+    not fit. The same reader serves ``python -m mllm.convert export-hf`` (``mllm.convert.trainer_checkpoint``).
     """
     sd, cfg = read_trainer_checkpoint(ckpt_dir, cfg)
     return mllm.hf.model_from_state_dict(sd, cfg).eval()

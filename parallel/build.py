@@ -10,8 +10,11 @@ from torch import nn
 
 from mllm.model.config import ModelConfig
 from mllm.model.internvl import InternVLModel
+from mllm.model.lora import freeze_adapted_parts, init_adapter_tensor, is_adapter_name
+from parallel.backends import get_layer_backend
 from parallel.config import ParallelConfig
-from parallel.layers import TPInfo, get_layer_backend
+from parallel.layers import TPInfo
+from parallel.lora import parallelize_lora
 from parallel.mesh import ParallelMesh
 from parallel.pipeline import resolve_layers_per_stage, stage_layer_indices, stages_of_pp_rank
 from parallel.shard import ShardSpec, shard_full_tensor
@@ -41,6 +44,9 @@ def build_rank_skeleton(model_cfg: ModelConfig, pcfg: ParallelConfig, mesh: Para
     with torch.device("meta"):
         model = InternVLModel(model_cfg)
         specs, sp_params = parallelize_model_tp(model, model_cfg, tp, backend, pcfg.sequence_parallel)
+        if model_cfg.lora.enabled:
+            lora_specs, lora_partial = parallelize_lora(model, model_cfg.lora, specs)
+            specs, sp_params = {**specs, **lora_specs}, sp_params | lora_partial
     lps = resolve_layers_per_stage(model_cfg, pcfg)
     stage_ids = stages_of_pp_rank(mesh.pp_rank, pcfg)
     stage_layers = [stage_layer_indices(lps, s) for s in stage_ids]
@@ -52,13 +58,17 @@ def build_rank_skeleton(model_cfg: ModelConfig, pcfg: ParallelConfig, mesh: Para
     if pcfg.num_stages - 1 not in stage_ids:
         model.llm.norm, model.lm_head = None, None
     apply_freezing(model, pcfg)
+    freeze_adapted_parts(model, model_cfg.lora)
     local = {name for name, _ in model.named_parameters()}
     specs = {k: v for k, v in specs.items() if k in local}
     return RankSkeleton(model, stage_ids, stage_layers, specs, sp_params & local, tp)
 
 
 def is_frozen_name(name: str, pcfg: ParallelConfig) -> bool:
-    """Whether the full-model parameter ``name`` is frozen by the config's freeze options."""
+    """Whether the full-model parameter ``name`` is frozen by the config's freeze options (LoRA adapters
+    always train, as in InternVL, where ``freeze_llm`` precedes ``wrap_llm_lora``)."""
+    if is_adapter_name(name):
+        return False
     if name.startswith("vision."):
         if pcfg.freeze_vision:
             return True
@@ -86,6 +96,9 @@ def init_full_tensor(name: str, shape: torch.Size, cfg: ModelConfig, seed: int) 
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     std, leaf = cfg.init_std, name.rsplit(".", 2)
     out = torch.empty(shape)
+    if is_adapter_name(name):
+        init_adapter_tensor(name, out, gen)
+        return out
     if name.endswith(".bias"):
         return out.zero_()
     if leaf[-1] in ("ls1", "ls2"):
@@ -110,7 +123,7 @@ def materialize(
     model = skeleton.module
     model.to_empty(device=device)
     for name, param in model.named_parameters():
-        if init_state_dict is not None:
+        if init_state_dict is not None and (name in init_state_dict or not is_adapter_name(name)):
             if name not in init_state_dict:
                 raise KeyError(f"init_state_dict has no tensor {name!r} (expected single-device model names)")
             full = init_state_dict[name]

@@ -20,6 +20,17 @@ class ParallelConfig:
     freeze_vit_layers_below: freeze the ViT embeddings and layers with index < k (0 = none).
     loss_mode: "token" (mean over all supervised tokens of the global batch), "sample" (mean of per-sample
     means), "square" (InternVL 2.5: per-token weight 1/sqrt(supervised tokens of its sample)).
+    dp_shard: FSDP2 (``fully_shard``) sharding degree inside dp: parameters, gradients and AdamW state are
+    sharded over dp_shard ranks, dp / dp_shard replicas (HSDP when both > 1); 1 keeps the DDP / ZeRO-1 path
+    (``parallel.fsdp``). fsdp_param_dtype: the dtype parameters are gathered in for compute ("auto": the
+    run's compute dtype, bf16 on GPU); master weights, gradients and AdamW state stay fp32.
+    fsdp_reduce_dtype: the dtype gradients are reduced in. reduce_grads_every_micro_batch: reduce-scatter
+    after every micro-batch (ZeRO-3 style, sharded gradient memory) instead of accumulating unsharded
+    gradients and reducing once, after the last micro-batch (less communication, more memory).
+    bucket_size_mb: gradient all-reduce bucket size of the dp_shard=1 path, launched during the last
+    micro-batch's backward (``parallel.overlap``).
+    layout / gpu_memory_gib: ``layout=auto`` replaces tp, pp, virtual stages, dp_shard and activation
+    checkpointing by the planner's fastest layout that fits ``gpu_memory_gib`` (0: the device's memory).
     """
 
     tp: int = 1
@@ -39,6 +50,13 @@ class ParallelConfig:
     loss_mode: str = "token"
     layer_backend: str = "torch"  # "torch" | "te" (parallel.te_backend)
     cp: int = 1  # context parallel: reserved, must be 1
+    dp_shard: int = 1
+    fsdp_param_dtype: str = "auto"  # "auto" | "bf16" | "fp32"
+    fsdp_reduce_dtype: str = "fp32"  # "fp32" | "bf16"
+    reduce_grads_every_micro_batch: bool = False
+    bucket_size_mb: float = 25.0
+    layout: str = "manual"  # "manual" | "auto" (mllm.train.planner)
+    gpu_memory_gib: float = 0.0
     extra: dict = field(default_factory=dict)  # free-form knobs for backends (e.g. TE options)
 
     @property
@@ -47,6 +65,9 @@ class ParallelConfig:
 
     def dp_size(self, world_size: int) -> int:
         return world_size // (self.tp * self.pp * self.cp)
+
+    def dp_replicate(self, world_size: int) -> int:
+        return self.dp_size(world_size) // self.dp_shard
 
 
 def _check(condition: bool, message: str) -> None:
@@ -116,6 +137,33 @@ def validate_layout(model_cfg: ModelConfig, pcfg: ParallelConfig, world_size: in
         f"parallel.freeze_vit_layers_below={pcfg.freeze_vit_layers_below} out of range 0..{v.num_layers}",
     )
     _check(pcfg.layer_backend in ("torch", "te"), "parallel.layer_backend must be 'torch' or 'te'")
+    validate_dp_shard(pcfg, world_size)
+
+
+def validate_dp_shard(pcfg: ParallelConfig, world_size: int) -> None:
+    """FSDP2 keys: dp_shard divides dp, no ZeRO-1 on top of it, known dtypes."""
+    dp = pcfg.dp_size(world_size)
+    _check(
+        pcfg.dp_shard >= 1 and dp % pcfg.dp_shard == 0,
+        f"parallel.dp_shard={pcfg.dp_shard} must divide dp = {dp} (world {world_size} / (tp {pcfg.tp} * pp "
+        f"{pcfg.pp})): use one of {_divisors(dp)}",
+    )
+    _check(
+        not (pcfg.dp_shard > 1 and pcfg.shard_optimizer),
+        "parallel.shard_optimizer (ZeRO-1) and parallel.dp_shard > 1 (FSDP2, which shards the optimizer state "
+        "already) exclude each other: set parallel.shard_optimizer=false",
+    )
+    _check(
+        not (pcfg.dp_shard > 1 and pcfg.layer_backend == "te"),
+        "parallel.dp_shard > 1 is not supported with parallel.layer_backend=te yet: use the torch backend",
+    )
+    _check(
+        pcfg.fsdp_param_dtype in ("auto", "bf16", "fp32"),
+        "parallel.fsdp_param_dtype must be auto, bf16 or fp32",
+    )
+    _check(pcfg.fsdp_reduce_dtype in ("bf16", "fp32"), "parallel.fsdp_reduce_dtype must be fp32 or bf16")
+    _check(pcfg.bucket_size_mb > 0, f"parallel.bucket_size_mb={pcfg.bucket_size_mb} must be > 0")
+    _check(pcfg.layout in ("manual", "auto"), f"parallel.layout={pcfg.layout!r} must be manual or auto")
 
 
 def _divisors(n: int) -> list[int]:

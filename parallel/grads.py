@@ -5,7 +5,9 @@ Order after the last micro-batch's backward:
 2. all trainable gradients are summed over dp (the loss is already divided by the global token weight, so a
    sum, not a mean, gives the single-device gradient; micro-batches accumulate in ``.grad`` before this);
 3. padding entries (dummy ViT heads, vocabulary padding) are zeroed so they never move.
-Frozen parameters have no gradient and take no part.
+Frozen parameters have no gradient and take no part. Under FSDP2 (``parallel.dp_shard`` > 1) step 2 is done by
+FSDP's reduce-scatter during the backward; gradients are DTensors and everything here works on their local
+shards (``parallel.fsdp.local_rows``), the norm summing the disjoint shards over dp_shard.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import math
 import torch
 
 from parallel.comm import all_reduce_no_grad, group_size
+from parallel.fsdp import local_rows, to_local
 
 _BUCKET_ELEMENTS = 32 * 1024 * 1024
 
@@ -45,15 +48,23 @@ def finish_grad_sync(pm) -> None:
     for _, p in trainable:
         if p.grad is None:  # e.g. vision weights on a text-only step: every dp rank must still take part
             p.grad = torch.zeros_like(p)
-    _all_reduce_coalesced([p.grad for n, p in trainable if n in pm.sp_params], pm.tp.group)
-    _all_reduce_coalesced([p.grad for _, p in trainable], pm.mesh.dp_group)
+    _all_reduce_coalesced([to_local(p.grad) for n, p in trainable if n in pm.sp_params], pm.tp.group)
+    if pm.mesh.dp_shard == 1:
+        reducer = getattr(pm, "grad_reducer", None)
+        if reducer is not None:  # overlapped with the backward (parallel.overlap); finish what is left
+            reducer.finish()
+        else:
+            _all_reduce_coalesced([p.grad for _, p in trainable], pm.mesh.dp_group)
     for name, p in trainable:
         spec = pm.specs.get(name)
         mask = spec.real_mask(pm.tp) if spec is not None else None
         if mask is not None:
+            grad, row0 = local_rows(p.grad)
+            if spec.dim == 0:
+                mask = mask[row0 : row0 + grad.shape[0]]
             shape = [1] * p.ndim
             shape[spec.dim] = -1
-            p.grad.mul_(mask.to(p.grad.device, p.grad.dtype).view(shape))
+            grad.mul_(mask.to(grad.device, grad.dtype).view(shape))
 
 
 @torch.no_grad()
@@ -65,9 +76,10 @@ def global_grad_norm(pm) -> torch.Tensor:
         if p.grad is None:
             continue
         if name in pm.specs or pm.tp.rank == 0:
-            total += p.grad.float().pow(2).sum()
+            total += to_local(p.grad).float().pow(2).sum()
     all_reduce_no_grad(total, pm.tp.group)
     all_reduce_no_grad(total, pm.mesh.pp_group)
+    all_reduce_no_grad(total, pm.mesh.dp_shard_group)  # FSDP: disjoint shards (None without FSDP)
     return total.sqrt()
 
 
@@ -80,5 +92,5 @@ def clip_grad_norm_(pm, max_norm: float) -> torch.Tensor:
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     for _, p in pm.trainable_parameters():
         if p.grad is not None:
-            p.grad.mul_(coef)
+            to_local(p.grad).mul_(coef)
     return norm

@@ -21,14 +21,12 @@ The torch backend's linears run their local GEMM through a ``local_gemm(x, weigh
 
 ``out_features``/``in_features`` are the full sizes after any padding (dummy heads, vocabulary padding); a
 backend never sees the padding logic. Parameter names and local shapes must be exactly these so checkpoints
-and ``ParallelModel`` state-dict hooks move between backends unchanged. Backends register with
-``register_layer_backend(name, factory)``; ``"te"`` is imported lazily from ``parallel.te_backend``.
+and ``ParallelModel`` state-dict hooks move between backends unchanged. Backends are looked up by name in
+``parallel.backends`` (``get_layer_backend``, ``register_layer_backend``).
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -180,17 +178,3 @@ class TorchLayerBackend:
 
 
 LayerBackend = TorchLayerBackend  # the protocol: any object with the same three factory methods
-_LAYER_BACKENDS: dict[str, Callable[[], object]] = {"torch": TorchLayerBackend}
-
-
-def register_layer_backend(name: str, factory: Callable[[], object]) -> None:
-    """Make ``parallel.layer_backend=name`` build its layers with ``factory()``."""
-    _LAYER_BACKENDS[name] = factory
-
-
-def get_layer_backend(name: str):
-    if name not in _LAYER_BACKENDS and name == "te":
-        importlib.import_module("parallel.te_backend")  # registers itself
-    if name not in _LAYER_BACKENDS:
-        raise ValueError(f"parallel.layer_backend={name!r} is unknown; available: {sorted(_LAYER_BACKENDS)}")
-    return _LAYER_BACKENDS[name]()

@@ -15,6 +15,7 @@ from mllm.model.loss import IGNORE_INDEX, loss_weights
 from parallel.build import RankSkeleton, build_rank_skeleton, materialize
 from parallel.comm import all_reduce_no_grad
 from parallel.config import ParallelConfig, validate_layout
+from parallel.fsdp import apply_fsdp, copy_rows_, full_tp_local, resolve_dtype, set_micro_batch_sync, to_local
 from parallel.grads import clip_grad_norm_, finish_grad_sync
 from parallel.loss import vocab_parallel_cross_entropy
 from parallel.memory import RankMemory, rank_memory
@@ -40,7 +41,13 @@ class ParallelModel:
     """This rank's model shard (``module``, full-model parameter names) and its pipeline stage(s)."""
 
     def __init__(
-        self, model_cfg: ModelConfig, pcfg: ParallelConfig, mesh: ParallelMesh, skeleton: RankSkeleton, device
+        self,
+        model_cfg: ModelConfig,
+        pcfg: ParallelConfig,
+        mesh: ParallelMesh,
+        skeleton: RankSkeleton,
+        device,
+        compute_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.model_cfg, self.pcfg, self.mesh, self.device = model_cfg, pcfg, mesh, torch.device(device)
         self.module = skeleton.module
@@ -52,6 +59,18 @@ class ParallelModel:
             for sid, layers in zip(skeleton.stage_ids, skeleton.stage_layers)
         ]
         self._schedules: dict[tuple, object] = {}
+        self.grad_reducer = None
+        if mesh.dp_shard > 1:
+            apply_fsdp(
+                self.stages,
+                mesh,
+                resolve_dtype(pcfg.fsdp_param_dtype, compute_dtype),
+                resolve_dtype(pcfg.fsdp_reduce_dtype, torch.float32),
+            )
+        elif mesh.dp > 1:
+            from parallel.overlap import GradReducer
+
+            self.grad_reducer = GradReducer(self.trainable_parameters(), mesh.dp_group, pcfg.bucket_size_mb)
 
     # -- parameters ---------------------------------------------------------------------------------------
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -75,10 +94,13 @@ class ParallelModel:
 
         Every rank of one data-parallel replica (all its tp and pp ranks) must get the same micro-batches.
         Each micro-batch: input_ids, labels (already shifted) [B, S]; optional segment_ids, position_ids [B, S],
-        pixel_values [N, 3, H, W] and image_flags [N] (its own tiles). Gradients accumulate into ``.grad``
+        pixel_values [N, 3, H, W] (or a callable returning them on first use: tiles just in time) and
+        image_flags [N] (its own tiles). Gradients accumulate into ``.grad``
         (call ``zero_grad`` between optimizer steps) as d(global loss)/d(param) for the global batch.
         """
         mbs = [self._prepare(mb) for mb in micro_batches]
+        if self.grad_reducer is not None:
+            self.grad_reducer.start(len(mbs))
         stats = torch.stack([torch.stack([mb["weights"].sum(), mb["n_tokens"]]) for mb in mbs]).sum(0)
         all_reduce_no_grad(stats, self.mesh.dp_group)
         total_weight = stats[0].clamp(min=1e-12)
@@ -111,7 +133,7 @@ class ParallelModel:
             )
         if out.get("position_ids") is None:
             out["position_ids"] = default_position_ids(out["input_ids"], out.get("segment_ids"))
-        if out.get("pixel_values") is not None:
+        if isinstance(out.get("pixel_values"), torch.Tensor):
             out["pixel_values"] = out["pixel_values"].to(next(self.module.parameters()).dtype)
         out["weights"] = loss_weights(out["labels"], out.get("segment_ids"), self.pcfg.loss_mode)
         out["n_tokens"] = (out["labels"] != IGNORE_INDEX).sum().float()
@@ -132,7 +154,10 @@ class ParallelModel:
     def _run_no_pipeline(self, mbs, targets, loss_fn) -> torch.Tensor:
         stage = self.stages[0]
         total = torch.zeros((), device=self.device)
-        for mb, target in zip(mbs, targets):
+        for i, (mb, target) in enumerate(zip(mbs, targets)):
+            if self.mesh.dp_shard > 1:
+                last = i == len(mbs) - 1
+                set_micro_batch_sync(self.stages, last or self.pcfg.reduce_grads_every_micro_batch, last)
             loss = loss_fn(stage(mb["input_ids"], **self._stage_kwargs(mb)), target)
             loss.backward()
             total += loss.detach()
@@ -181,10 +206,10 @@ class ParallelModel:
         trainable = [p for p in params if p.requires_grad]
         dtype = params[0].dtype if params else torch.float32
         report = rank_memory(
-            sum(p.numel() for p in params),
-            sum(p.numel() for p in trainable),
+            sum(to_local(p).numel() for p in params),
+            sum(to_local(p).numel() for p in trainable),
             self.pcfg,
-            self.mesh.dp,
+            self.mesh.dp // self.mesh.dp_shard,  # ZeRO-1 divides by dp; FSDP shards are already local
             dtype,
             dtype,
             self.mesh.pp_rank,
@@ -199,7 +224,10 @@ class ParallelModel:
     def full_state_dict(self, all_stages: bool = False) -> dict[str, torch.Tensor]:
         """Unsharded parameters under single-device names, padding stripped. Collective over tp (and pp with
         ``all_stages``, which merges every pipeline rank's parameters on every rank)."""
-        full = {n: gather_full_tensor(p, self.specs.get(n), self.tp) for n, p in self.named_parameters()}
+        full = {
+            n: gather_full_tensor(full_tp_local(p), self.specs.get(n), self.tp)
+            for n, p in self.named_parameters()
+        }
         return self._merge_stages(full) if all_stages else full
 
     def full_grads(self, all_stages: bool = False) -> dict[str, torch.Tensor]:
@@ -207,7 +235,7 @@ class ParallelModel:
         full = {}
         for name, p in self.trainable_parameters():
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            full[name] = gather_full_tensor(grad, self.specs.get(name), self.tp)
+            full[name] = gather_full_tensor(full_tp_local(grad), self.specs.get(name), self.tp)
         return self._merge_stages(full) if all_stages else full
 
     @torch.no_grad()
@@ -216,7 +244,9 @@ class ParallelModel:
         for name, param in self.named_parameters():
             if name not in state_dict:
                 raise KeyError(f"state dict has no tensor {name!r} needed by {self.mesh.describe()}")
-            param.copy_(shard_full_tensor(state_dict[name].to(param.device), self.specs.get(name), self.tp))
+            copy_rows_(
+                param, shard_full_tensor(state_dict[name].to(self.device), self.specs.get(name), self.tp)
+            )
 
     def _merge_stages(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.mesh.pp == 1:
@@ -237,10 +267,11 @@ def parallelize(
     init_state_dict: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
 ) -> ParallelModel:
     """Build this rank's shard of the model directly from full tensors (or a seeded, layout-independent
     init): nothing full-size is allocated beyond one tensor at a time from ``init_state_dict``."""
     validate_layout(model_cfg, pcfg, mesh.tp * mesh.pp * mesh.dp)
     skeleton = build_rank_skeleton(model_cfg, pcfg, mesh)
     materialize(skeleton, model_cfg, torch.device(device), init_state_dict, seed, dtype)
-    return ParallelModel(model_cfg, pcfg, mesh, skeleton, device)
+    return ParallelModel(model_cfg, pcfg, mesh, skeleton, device, compute_dtype or dtype)

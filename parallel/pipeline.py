@@ -146,6 +146,8 @@ class StageModule(nn.Module):
 
     def embed(self, input_ids, pixel_values, image_flags) -> torch.Tensor:
         embeds = self.embed_tokens(input_ids)
+        if callable(pixel_values):  # tiles delivered just in time (mllm.train.batches.PixelFeeder)
+            pixel_values = pixel_values()
         if pixel_values is not None:
             image = self.image_tokens(pixel_values)
             embeds = splice_image_tokens(embeds, input_ids, image, self.cfg.image_token_id, image_flags)

@@ -32,9 +32,10 @@ from torch import nn
 
 from mllm.kernels.deps import require
 from mllm.kernels.fp8 import FP8Config
+from mllm.kernels.padding import pad_linear_rows
 from mllm.kernels.varlen import varlen_inputs
 from mllm.model.attention import AttentionMask, to_compute_dtype
-from parallel.layers import TPInfo, register_layer_backend
+from parallel.layers import TPInfo
 
 _FEATURE = "parallel.layer_backend=te"
 
@@ -85,16 +86,53 @@ def te_to_ours_rows(y: torch.Tensor, tp_size: int) -> torch.Tensor:
     return y.view(tp_size, b, s, f).transpose(0, 1).reshape(b, tp_size * s, f)
 
 
+# -- FP8 row padding ------------------------------------------------------------------------------------------
+# TE's FP8 GEMMs need the token count (the rows of the flattened input) to be a multiple of 8/16 (32 for
+# MXFP8's 1x32 blocks); a ViT tile has 1025 tokens. Like the torch path (``mllm.kernels.padding``), the TE
+# linears pad their rows with zeros and drop the padded outputs: zero rows change no product, no amax (so no
+# FP8 scale) and add nothing to the weight gradient. Under sequence parallelism each rank pads its own chunk,
+# so TE's all-gather / reduce-scatter along the rows still exchanges equal chunks.
+TE_ROW_MULTIPLE = 32
+
+
+def _fp8_active() -> bool:
+    """True inside TE's FP8 autocast (and when TE's state cannot be read: padding is always exact)."""
+    te = transformer_engine()
+    manager = getattr(getattr(te, "fp8", None), "FP8GlobalStateManager", None)
+    return manager is None or bool(manager.is_fp8_enabled())
+
+
+def _pad_chunks(x: torch.Tensor, chunks: int, multiple: int) -> tuple[torch.Tensor, int]:
+    """[chunks * m, f] -> [chunks * m', f], each chunk's m rows zero-padded to m' (a multiple); returns m."""
+    rows = x.reshape(chunks, -1, x.shape[-1])
+    m = rows.shape[1]
+    padded = torch.nn.functional.pad(rows, (0, 0, 0, -m % multiple))
+    return padded.reshape(-1, x.shape[-1]), m
+
+
+def _unpad_chunks(y: torch.Tensor, chunks: int, m: int) -> torch.Tensor:
+    """Inverse of ``_pad_chunks`` on the output rows: [chunks * m', f] -> [chunks * m, f]."""
+    return y.reshape(chunks, -1, y.shape[-1])[:, :m].reshape(-1, y.shape[-1])
+
+
 @functools.cache
 def _te_linear_classes() -> tuple[type, type]:
-    """Subclasses of ``te.Linear`` (so parameter names stay ``weight``/``bias``) that fix the SP row order."""
+    """Subclasses of ``te.Linear`` (so parameter names stay ``weight``/``bias``) that fix the SP row order and
+    pad the rows for FP8."""
     te = transformer_engine()
 
     class TEColumnParallelLinear(te.Linear):
         """``te.Linear(parallel_mode="column")``: ``weight`` [out/tp, in], ``bias`` [out/tp]."""
 
         def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-            y = super().forward(x, *args, **kwargs)
+            rows = x.numel() // x.shape[-1]
+            gathered = self.tp_size if self.sequence_parallel else 1  # TE gathers every rank's rows
+            if rows % TE_ROW_MULTIPLE == 0 or not _fp8_active():
+                y = super().forward(x, *args, **kwargs)
+            else:
+                padded, _ = _pad_chunks(x, 1, TE_ROW_MULTIPLE)
+                y = _unpad_chunks(super().forward(padded, *args, **kwargs), gathered, rows)
+                y = y.view(gathered * x.shape[0], *x.shape[1:-1], y.shape[-1])
             return te_to_ours_rows(y, self.tp_size) if self.sequence_parallel else y
 
     class TERowParallelLinear(te.Linear):
@@ -103,7 +141,12 @@ def _te_linear_classes() -> tuple[type, type]:
         def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             if self.sequence_parallel:
                 x = ours_to_te_rows(x, self.tp_size)
-            return super().forward(x, *args, **kwargs)
+            chunks = self.tp_size if self.sequence_parallel else 1  # TE reduce-scatters equal row chunks
+            if (x.numel() // x.shape[-1]) % (chunks * TE_ROW_MULTIPLE) == 0 or not _fp8_active():
+                return super().forward(x, *args, **kwargs)
+            padded, m = _pad_chunks(x, chunks, TE_ROW_MULTIPLE)
+            y = _unpad_chunks(super().forward(padded, *args, **kwargs), 1, m)
+            return y.view(x.shape[0] // chunks, *x.shape[1:-1], y.shape[-1])
 
     return TEColumnParallelLinear, TERowParallelLinear
 
@@ -121,28 +164,43 @@ def te_linear(
     return torch_compatible_state_dict(module)
 
 
+def _drop_kernel_state(module, state_dict, prefix, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "kernels.")]:
+        del state_dict[key]
+
+
+def _allow_missing_kernel_state(module, incompatible_keys) -> None:
+    for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
+        for key in [k for k in keys if ".kernels." in k or k.startswith("kernels.")]:
+            keys.remove(key)
+
+
 class TECoreAttention(nn.Module):
     """``te.DotProductAttention`` on local heads, called like ``CoreAttention``: ``(q, k, v, mask, scale)``.
 
     Head counts are read from the tensors (like the torch backend, so dummy heads need no special case); one TE
-    module per (heads, kv heads, head dim, scale, layout) is created on first use. Parameter-free, so not part
-    of state dicts.
+    module per (heads, kv heads, head dim, scale, layout) is created on first use and registered in ``kernels``
+    (an ``nn.ModuleDict``: ``.to()``, ``.eval()`` and ``.apply()`` reach it). Parameter-free: its TE state (FP8
+    ``_extra_state``) is left out of state dicts, which stay the torch backend's whether or not a kernel exists.
     """
 
     def __init__(self, attention_backend: str = "te") -> None:
         super().__init__()
         self.backend = attention_backend
-        self._kernels: dict[tuple, nn.Module] = {}
+        self.kernels = nn.ModuleDict()
+        self._register_state_dict_hook(_drop_kernel_state)
+        self.register_load_state_dict_post_hook(_allow_missing_kernel_state)
 
     def _kernel(self, heads: int, kv_heads: int, head_dim: int, scale: float, fmt: str, mask_type: str):
-        key = (heads, kv_heads, head_dim, scale, fmt, mask_type)
-        if key not in self._kernels:
+        key = f"{fmt}_{mask_type}_h{heads}_kv{kv_heads}_d{head_dim}_s{scale:.6e}".replace(".", "p")
+        if key not in self.kernels:
             te = transformer_engine()
-            self._kernels[key] = te.DotProductAttention(
+            kernel = te.DotProductAttention(
                 heads, head_dim, num_gqa_groups=kv_heads, attention_dropout=0.0, qkv_format=fmt,
                 attn_mask_type=mask_type, softmax_scale=scale,
             )  # fmt: skip
-        return self._kernels[key]
+            self.kernels[key] = kernel.train(self.training)
+        return self.kernels[key]
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float
@@ -190,9 +248,6 @@ class TELayerBackend:
 
     def core_attention(self, attention_backend: str, *, tp: TPInfo) -> nn.Module:
         return TECoreAttention(attention_backend)
-
-
-register_layer_backend("te", TELayerBackend)
 
 
 # -- fused RMSNorm + SwiGLU MLP (opt-in) ---------------------------------------------------------------------
@@ -255,7 +310,9 @@ def fuse_llm_mlp_te(
     # Under sequence parallelism no row reordering is needed here (unlike a column linear feeding attention):
     # TE's all-gather after the norm and reduce-scatter after fc2 invert each other row by row, so each rank
     # gets its own [b, s/tp] rows back.
-    layer.mlp = mlp
+    # FP8 row padding (see TE_ROW_MULTIPLE), always on: one chunk per rank is exact also under sequence
+    # parallelism, because the all-gather and the reduce-scatter inside return each rank its own rows.
+    layer.mlp = pad_linear_rows(mlp, TE_ROW_MULTIPLE)
     layer.post_attention_layernorm = nn.Identity()
     layer._register_state_dict_hook(lambda m, sd, prefix, meta: fused_mlp_to_torch_names(sd, prefix))
     layer._register_load_state_dict_pre_hook(lambda sd, prefix, *args: torch_names_to_fused_mlp(sd, prefix))

@@ -21,8 +21,8 @@ from torch import nn
 
 from mllm.model.config import ModelConfig, TextConfig, VisionConfig
 from mllm.model.internvl import InternVLModel
+from mllm.model.llm import add_head_norms, attend
 from mllm.model.projector import Projector
-from mllm.model.rope import apply_rotary
 from mllm.model.vision import InternViT
 from parallel.layers import TensorParallelRMSNorm, TPInfo, VocabParallelEmbedding
 from parallel.shard import ShardSpec, pad_to
@@ -100,24 +100,21 @@ class TensorParallelAttention(nn.Module):
         self.k_proj = backend.column_linear(width, kv_width, bias=cfg.qkv_bias, tp=tp, sequence_parallel=sp)
         self.v_proj = backend.column_linear(width, kv_width, bias=cfg.qkv_bias, tp=tp, sequence_parallel=sp)
         self.o_proj = backend.row_linear(q_width, width, bias=cfg.o_bias, tp=tp, sequence_parallel=sp)
+        add_head_norms(self, cfg)  # per head: local heads need no communication (gradients are partial sums)
         self.core_attention = backend.core_attention(attention_backend, tp=tp)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask) -> torch.Tensor:
-        cos, sin = rope
         q = self.q_proj(x)
         b, s = q.shape[:2]
-        q = apply_rotary(q.view(b, s, -1, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(b, s, -1, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(b, s, -1, self.head_dim)
-        out = self.core_attention(q, k, v, mask, self.head_dim**-0.5)
-        return self.o_proj(out.reshape(b, s, -1))
+        return self.o_proj(attend(self, q, x, rope, mask).reshape(b, s, -1))
 
 
 def parallelize_llm_tp(
     model: InternVLModel, cfg: ModelConfig, tp: TPInfo, backend, sequence_parallel: bool
 ) -> tuple[Specs, set[str]]:
-    """Decoder layers, embedding and output layer. Also returns the names of parameters that live in the
-    sequence-parallel region (norm weights, row-parallel biases): their gradients are partial sums over tp."""
+    """Decoder layers, embedding and output layer. Also returns the names of replicated parameters whose
+    gradients are partial sums over tp (norm weights and row-parallel biases in the sequence-parallel region,
+    Qwen3's per-head q/k norms): they are all-reduced over tp after backward."""
     t, sp = cfg.text, sequence_parallel
     hd = t.resolved_head_dim
     specs: Specs = {}
@@ -137,6 +134,8 @@ def parallelize_llm_tp(
         for name in ("gate_proj", "up_proj"):
             specs.update(_linear_specs(f"{p}.mlp.{name}", "column", inter, inter, False))
         specs.update(_linear_specs(f"{p}.mlp.down_proj", "row", inter, inter, False))
+        if t.qk_norm and tp.size > 1:  # replicated weights applied to this rank's heads only
+            sp_params |= {f"{p}.self_attn.q_norm.weight", f"{p}.self_attn.k_norm.weight"}
         if sp:
             sp_params |= {f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"}
             if t.o_bias:

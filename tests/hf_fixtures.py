@@ -1,10 +1,11 @@
 """Tiny random Hugging Face InternVL checkpoints for CPU tests (both formats), shared by several test files.
 
 - ``tiny_hf_model``: transformers' own ``InternVLForConditionalGeneration`` (6B-style RMSNorm + QK-norm vision with
-  an odd head count, or 300M-style LayerNorm + qkv-bias vision; Llama or Qwen2 text with GQA), all parameters
+  an odd head count, or 300M-style LayerNorm + qkv-bias vision; Llama, Qwen2 or Qwen3 text with GQA; Qwen3 with
+  per-head q/k norms and a head_dim apart from hidden_size / heads), all parameters
   random (norms and layer scale too) so parity tests can fail.
 - ``write_internvl_chat_dir``: the remote-code InternVL-Chat layout written by hand (state dict + config.json),
-  since the remote code cannot be downloaded here; InternLM2 (grouped ``wqkv``) or Llama/Qwen2 text.
+  since the remote code cannot be downloaded here; InternLM2 (grouped ``wqkv``) or Llama/Qwen2/Qwen3 text.
 - ``write_tokenizer_files``: a tokenizer_config.json carrying the added tokens the converter looks up.
 """
 
@@ -49,8 +50,11 @@ def vision_config_dict(style: str) -> dict:
     return dict(common, num_attention_heads=4, norm_type="layer_norm", use_qk_norm=False, attention_bias=True)
 
 
+QWEN3_HEAD_DIM = 24  # decoupled: 4 heads x 24 = 96 != hidden_size 64
+
+
 def text_config(arch: str, **overrides):
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     kwargs = dict(
         vocab_size=VOCAB,
@@ -63,8 +67,10 @@ def text_config(arch: str, **overrides):
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
     )
+    if arch == "qwen3":
+        kwargs["head_dim"] = QWEN3_HEAD_DIM
     kwargs.update(overrides)
-    return (LlamaConfig if arch == "llama" else Qwen2Config)(**kwargs)
+    return {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch](**kwargs)
 
 
 def tiny_hf_model(vision: str = "6b", text: str = "llama", seed: int = 0, tie: bool = False, **top):
@@ -142,10 +148,12 @@ def internvl_chat_config(text: str = "internlm2", ps_version: str | None = "v2")
             "attn_implementation": "eager",
         }
     else:
-        name = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[text]
+        name = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[text]
         llm = {"architectures": [name], "model_type": text, "rope_theta": 1000000.0, "rope_scaling": None}
-        if text == "qwen2":
+        if text in ("qwen2", "qwen3"):
             llm.update(use_sliding_window=False, sliding_window=32768, max_window_layers=21)
+        if text == "qwen3":  # as InternVL3.5's llm_config (Qwen3-8B) writes them
+            llm.update(head_dim=QWEN3_HEAD_DIM, attention_bias=False)
     llm.update(
         CHAT_TEXT,
         vocab_size=VOCAB,
@@ -247,6 +255,8 @@ def internvl_chat_state_dict(text: str = "internlm2", seed: int = 0) -> dict[str
     sd["language_model.model.norm.weight"] = rnd(d, mean=1.0)
     sd["language_model.lm_head.weight"] = rnd(VOCAB, d)
     bias = text == "qwen2"
+    if text == "qwen3":
+        hd = QWEN3_HEAD_DIM
     for i in range(2):
         p = f"language_model.model.layers.{i}."
         sd.update(
@@ -262,6 +272,9 @@ def internvl_chat_state_dict(text: str = "internlm2", seed: int = 0) -> dict[str
                 p + "post_attention_layernorm.weight": rnd(d, mean=1.0),
             }
         )
+        if text == "qwen3":
+            sd[p + "self_attn.q_norm.weight"] = rnd(hd, mean=1.0)
+            sd[p + "self_attn.k_norm.weight"] = rnd(hd, mean=1.0)
         if bias:
             sd.update(
                 {

@@ -14,6 +14,7 @@ CASES = [
     pytest.param("6b", "llama", {}, id="rmsnorm-qknorm-vit+llama"),
     pytest.param("300m", "qwen2", {}, id="layernorm-qkvbias-vit+qwen2"),
     pytest.param("6b", "qwen2", {"vision_feature_layer": -2}, id="rmsnorm-vit-layer-2+qwen2"),
+    pytest.param("300m", "qwen3", {}, id="layernorm-qkvbias-vit+qwen3-qknorm-headdim"),
 ]
 
 

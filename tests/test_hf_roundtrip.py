@@ -17,6 +17,7 @@ from mllm.model.config import TextConfig
 from tests.hf_fixtures import (
     IM_END_ID,
     IMAGE_TOKEN_ID,
+    QWEN3_HEAD_DIM,
     sample_batch,
     save_hf_model,
     tiny_hf_model,
@@ -57,7 +58,7 @@ def roundtrip(src: Path, tmp: Path, fmt: str) -> Path:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("vision", "text"), [("6b", "llama"), ("300m", "qwen2")])
+@pytest.mark.parametrize(("vision", "text"), [("6b", "llama"), ("300m", "qwen2"), ("300m", "qwen3")])
 def test_transformers_roundtrip_bit_identical(tmp_path, vision, text, dtype) -> None:
     src = save_hf_model(tiny_hf_model(vision, text).to(dtype), tmp_path / "hf")
     back = roundtrip(src, tmp_path, "transformers")
@@ -88,7 +89,7 @@ def test_tied_embeddings_roundtrip_and_logits(tmp_path) -> None:
     assert (got - want)[real].abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("text", ["internlm2", "llama", "qwen2"])
+@pytest.mark.parametrize("text", ["internlm2", "llama", "qwen2", "qwen3"])
 def test_internvl_chat_roundtrip_bit_identical(tmp_path, text) -> None:
     src = write_internvl_chat_dir(tmp_path / "chat", text=text, dtype=torch.bfloat16)
     back = roundtrip(src, tmp_path, "internvl_chat")
@@ -107,17 +108,23 @@ def test_internvl_chat_without_ps_version_is_v1(tmp_path) -> None:
     assert cfg.text.rope_scaling == {"type": "dynamic", "factor": 2.0}
 
 
-def test_internlm2_chat_to_transformers_preserves_logits(tmp_path) -> None:
+@pytest.mark.parametrize("text", ["internlm2", "qwen3"])
+def test_internvl_chat_to_transformers_preserves_logits(tmp_path, text) -> None:
+    """InternVL-Chat (InternLM2 as in V1-5; Qwen3 as in InternVL3.5) -> ours -> transformers' own model."""
     from transformers import AutoModelForImageTextToText
 
-    src = write_internvl_chat_dir(tmp_path / "chat", text="internlm2")
+    src = write_internvl_chat_dir(tmp_path / "chat", text=text)
     ours = mllm.hf.load(src)
     out = mllm.hf.save(ours, tmp_path / "hf", format="transformers", tokenizer_dir=src)
     hf_model = AutoModelForImageTextToText.from_pretrained(out).eval()
-    assert hf_model.config.text_config.model_type == "llama"
-    assert hf_model.config.text_config.rope_parameters["rope_type"] == "dynamic"
-    assert hf_model.config.text_config.rope_parameters["factor"] == 2.0
-    assert hf_model.config.text_config.rope_parameters["rope_theta"] == 1e6
+    if text == "internlm2":
+        assert hf_model.config.text_config.model_type == "llama"
+        assert hf_model.config.text_config.rope_parameters["rope_type"] == "dynamic"
+        assert hf_model.config.text_config.rope_parameters["factor"] == 2.0
+        assert hf_model.config.text_config.rope_parameters["rope_theta"] == 1e6
+    else:
+        assert hf_model.config.text_config.model_type == "qwen3"
+        assert hf_model.config.text_config.head_dim == QWEN3_HEAD_DIM
 
     batch = sample_batch(seed=5)
     with torch.no_grad():

@@ -33,6 +33,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     exp.add_argument(
         "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB, 500MB (default %(default)s)"
     )
+    exp.add_argument(
+        "--adapter",
+        metavar="ADAPTER_DIR",
+        default=None,
+        help="LoRA checkpoints: write the base model to OUT_DIR and a PEFT adapter to ADAPTER_DIR (format "
+        "transformers) instead of merged weights",
+    )
     for p in (imp, exp):
         p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
     return parser.parse_args(argv)
@@ -45,7 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "import-hf":
             out = import_hf(args.hf_dir, args.out_dir, dtype=dtype)
         else:
-            out = export_hf(args.ckpt_dir, args.out_dir, args.format, args.max_shard_size, dtype=dtype)
+            out = export_hf(
+                args.ckpt_dir,
+                args.out_dir,
+                args.format,
+                args.max_shard_size,
+                dtype=dtype,
+                adapter_dir=args.adapter,
+            )
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

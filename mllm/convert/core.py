@@ -2,12 +2,13 @@
 
 Formats: ``native`` (``mllm.checkpoint_io``), ``internvl_chat`` (remote-code layout), ``transformers``
 (``InternVLForConditionalGeneration``) and, read-only, ``trainer`` (a ``step_*`` directory of the trainer: DCP
-shards of any tp/pp/dp layout + ``model_config.json``, see ``mllm.train.export``). Everything passes through our
+shards of any tp/pp/dp layout + ``model_config.json``, see ``mllm.convert.trainer_checkpoint``). Everything passes through our
 state dict + ModelConfig, so a new format only needs a reader/writer of that pair.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -17,12 +18,14 @@ from types import ModuleType
 import torch
 
 from mllm import checkpoint_io
-from mllm.convert import files, internvl_chat, transformers_native
+from mllm.convert import files, internvl_chat, peft_adapter, transformers_native
 from mllm.convert.errors import CheckpointError, name_a_few
 from mllm.convert.lazy import LazyStateDict, SafetensorsSource, TensorMapper, map_lazily, shapes_of
+from mllm.convert.shapes import expected_shapes
 from mllm.convert.text_config import text_arch, text_config_to_ours
+from mllm.convert.trainer_checkpoint import is_trainer_checkpoint, read_trainer_checkpoint, tokenizer_dir_of
 from mllm.model.config import ModelConfig
-from mllm.model.internvl import build_model
+from mllm.model.lora import LoraConfig, is_adapter_name, merge_lora
 
 HF_FORMATS: dict[str, ModuleType] = {"internvl_chat": internvl_chat, "transformers": transformers_native}
 _ARCHITECTURES = {  # config.json's model_type / architectures[0] -> format
@@ -37,8 +40,6 @@ IMAGE_TOKEN = "<IMG_CONTEXT>"
 def detect_format(ckpt_dir: str | os.PathLike) -> str:
     """'trainer' for a trainer checkpoint (DCP ``.metadata``), else 'native', 'internvl_chat' or
     'transformers' from the directory's config.json."""
-    from mllm.train.export import is_trainer_checkpoint
-
     root = Path(ckpt_dir)
     if is_trainer_checkpoint(root):
         return "trainer"
@@ -55,11 +56,6 @@ def detect_format(ckpt_dir: str | os.PathLike) -> str:
         "(model_type internvl_chat), InternVLForConditionalGeneration (model_type internvl), or an mllm native "
         "checkpoint"
     )
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Our parameter names and shapes for ``cfg`` (built on the meta device: no memory)."""
-    return {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()}
 
 
 def check_state_dict(
@@ -170,8 +166,6 @@ def read_checkpoint(
     """
     fmt = detect_format(ckpt_dir)
     if fmt == "trainer":
-        from mllm.train.export import read_trainer_checkpoint
-
         return read_trainer_checkpoint(ckpt_dir)
     if fmt == "native":
         sd, cfg = _open_native(ckpt_dir)
@@ -193,6 +187,7 @@ def write_hf(
         raise CheckpointError(f"unknown export format {fmt!r}; supported: {', '.join(HF_FORMATS)}")
     module = HF_FORMATS[fmt]
     check_state_dict(sd, cfg, "model to export")
+    sd, cfg = merged(sd, cfg)
     config = module.config_from_ours(cfg)  # raises before anything is written (e.g. v1 -> transformers)
     hf_sd = module.state_dict_from_ours(sd, cfg)
     dtypes = {t.dtype for t in hf_sd.values() if t.is_floating_point()}
@@ -210,6 +205,22 @@ def write_hf(
         for name, path in (files.tokenizer_files(src) if src else {}).items():
             (tmp / name).write_bytes(path.read_bytes())
     return Path(out_dir)
+
+
+def merged(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """A model with LoRA adapters as the plain model they compute (W + s B A); others unchanged."""
+    if not cfg.lora.enabled:
+        return dict(sd), cfg
+    return merge_lora(sd, cfg.lora), dataclasses.replace(cfg, lora=LoraConfig())
+
+
+def without_adapters(
+    sd: Mapping[str, torch.Tensor], cfg: ModelConfig
+) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """The base model under the adapters (trained non-adapter weights kept, adapters dropped)."""
+    return {k: v for k, v in sd.items() if not is_adapter_name(k)}, dataclasses.replace(
+        cfg, lora=LoraConfig()
+    )
 
 
 def import_hf(
@@ -230,16 +241,31 @@ def export_hf(
     fmt: str,
     max_shard_size: str | int = files.DEFAULT_MAX_SHARD_SIZE,
     dtype: torch.dtype | None = None,
+    adapter_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Native, HF or trainer checkpoint directory -> HF directory of format ``fmt`` (tokenizer files from the
-    checkpoint directory, or for a trainer checkpoint from its run's ``data.tokenizer`` directory)."""
+    checkpoint directory, or for a trainer checkpoint from its run's ``data.tokenizer`` directory).
+
+    LoRA adapters are merged into the weights, unless ``adapter_dir`` is given: then ``out_dir`` gets the base
+    model (format ``transformers`` only) and ``adapter_dir`` a PEFT adapter for it (``mllm.convert.peft_adapter``).
+    """
     sd, cfg = read_checkpoint(ckpt_dir)
     tokenizer_dir: str | os.PathLike | None = ckpt_dir
     if detect_format(ckpt_dir) == "trainer":
-        from mllm.train.export import tokenizer_dir_of
-
         tokenizer_dir = tokenizer_dir_of(ckpt_dir)
-    return write_hf(_cast(sd, dtype), cfg, out_dir, fmt, max_shard_size, tokenizer_dir=tokenizer_dir)
+    sd = _cast(sd, dtype)
+    if adapter_dir is None:
+        return write_hf(sd, cfg, out_dir, fmt, max_shard_size, tokenizer_dir=tokenizer_dir)
+    if fmt != "transformers":
+        raise CheckpointError(
+            f"--adapter writes a PEFT adapter for the transformers-native model; use --format transformers, not {fmt}"
+        )
+    if not cfg.lora.enabled:
+        raise CheckpointError(f"{ckpt_dir}: --adapter given but the checkpoint has no LoRA adapters")
+    base_sd, base_cfg = without_adapters(sd, cfg)
+    out = write_hf(base_sd, base_cfg, out_dir, fmt, max_shard_size, tokenizer_dir=tokenizer_dir)
+    peft_adapter.write_adapter(sd, cfg.lora, adapter_dir, str(Path(out_dir).resolve()))
+    return out
 
 
 # -- part checkpoints (a separate InternViT or LLM, e.g. the start of stage-1 training) ----------------------
@@ -267,6 +293,7 @@ _TEXT_FIELDS = (
     "qkv_bias",
     "o_bias",
     "tie_word_embeddings",
+    "qk_norm",
 )
 
 
@@ -336,7 +363,7 @@ def read_llm_checkpoint(
     """A standalone LLM HF checkpoint -> our ``llm.*`` and ``lm_head.*`` tensors for ``model_cfg``.
 
     InternLM2 (``model.tok_embeddings``, ``model.layers.{i}.attention.wqkv``, ..., ``output.weight``) or
-    Llama / Qwen2 (``model.embed_tokens``, ..., ``lm_head.weight``); the architecture in config.json must be
+    Llama / Qwen2 / Qwen3 (``model.embed_tokens``, ..., ``lm_head.weight``); the architecture in config.json must be
     the run's ``model.text.arch``, and its sizes the run's. ``lazy`` as in ``read_checkpoint``.
     """
     root = Path(ckpt_dir)

@@ -3,7 +3,7 @@
 Pure functions on dicts and tensors; file I/O lives in ``mllm.convert.files``. Layout facts
 (docs: /work/shared/reference/internvl.md): the ViT's fused ``attn.qkv`` rows are [all q | all k | all v];
 InternLM2's ``wqkv`` rows are grouped per kv head: for each kv head, its ``num_heads // num_kv_heads`` q heads,
-then its k head, then its v head. Llama/Qwen2 language models keep transformers' names under
+then its k head, then its v head. Llama/Qwen2/Qwen3 language models keep transformers' names under
 ``language_model.``.
 """
 
@@ -57,7 +57,7 @@ INTERNLM2_RULES = [
     PrefixRule("language_model.model.norm.", "llm.norm."),
     PrefixRule("language_model.output.", "lm_head."),
 ]
-LLAMA_RULES = [  # Llama and Qwen2 inside InternVL-Chat: transformers' own names under language_model.
+LLAMA_RULES = [  # Llama, Qwen2 and Qwen3 inside InternVL-Chat: transformers' own names under language_model.
     PrefixRule("language_model.model.", "llm."),
     PrefixRule("language_model.lm_head.", "lm_head."),
 ]
@@ -161,6 +161,9 @@ def config_from_ours(cfg: ModelConfig, with_extra: bool = True) -> dict[str, Any
         # Not read by the remote code (chat() takes it from the tokenizer) but keeps the id for tokenizer-less
         # directories; our import prefers the tokenizer's <IMG_CONTEXT> when one is shipped.
         "img_context_token_id": cfg.image_token_id,
+        # Exports hold merged weights (mllm.convert.core.merged): no adapters for the remote code to wrap.
+        "use_backbone_lora": 0,
+        "use_llm_lora": 0,
     }
     if not with_extra:
         return ours

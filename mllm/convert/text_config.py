@@ -1,4 +1,4 @@
-"""The language model's HF config (InternLM2, Llama, Qwen2) <-> our TextConfig.
+"""The language model's HF config (InternLM2, Llama, Qwen2, Qwen3) <-> our TextConfig.
 
 Both HF formats embed one of these: InternVL-Chat as ``llm_config`` (written by transformers 4.x: ``rope_theta`` +
 ``rope_scaling``), the transformers-native format as ``text_config`` (transformers 5: ``rope_parameters``).
@@ -16,8 +16,9 @@ ARCHITECTURES = {
     "InternLM2ForCausalLM": "internlm2",
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
-MODEL_TYPES = {"internlm2": "internlm2", "llama": "llama", "qwen2": "qwen2"}
+MODEL_TYPES = {"internlm2": "internlm2", "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 ARCH_NAMES = {arch: name for name, arch in ARCHITECTURES.items()}
 
 
@@ -75,9 +76,12 @@ def text_config_to_ours(d: dict[str, Any], arch: str, where: str) -> TextConfig:
     elif arch == "llama":
         _require(not d.get("mlp_bias", False), where, "mlp_bias true is unsupported")
         qkv_bias = o_bias = bool(d.get("attention_bias", False))
-    else:  # qwen2: biased q/k/v, unbiased o
+    elif arch == "qwen2":  # biased q/k/v, unbiased o
         _require(not d.get("use_sliding_window", False), where, "use_sliding_window true is unsupported")
         qkv_bias, o_bias = True, False
+    else:  # qwen3: one attention_bias flag (default False), per-head q/k norms
+        _require(not d.get("use_sliding_window", False), where, "use_sliding_window true is unsupported")
+        qkv_bias = o_bias = bool(d.get("attention_bias", False))
     return TextConfig(
         arch=arch,
         vocab_size=d["vocab_size"],
@@ -94,6 +98,7 @@ def text_config_to_ours(d: dict[str, Any], arch: str, where: str) -> TextConfig:
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        qk_norm=arch == "qwen3",
     )
 
 
@@ -110,12 +115,21 @@ def _common(t: TextConfig) -> dict[str, Any]:
         "rms_norm_eps": t.rms_norm_eps,
         "tie_word_embeddings": t.tie_word_embeddings,
     }
-    if t.head_dim is not None:
-        out["head_dim"] = t.head_dim
+    if t.head_dim is not None or t.qk_norm:  # Qwen3Config's own default head_dim is 128, not width / heads
+        out["head_dim"] = t.resolved_head_dim
     return out
 
 
 def _bias_fields(t: TextConfig, arch: str, where: str) -> dict[str, Any]:
+    _require(
+        t.qk_norm == (arch == "qwen3"),
+        where,
+        f"{arch} {'needs' if arch == 'qwen3' else 'has no'} per-head q/k norms (model.text.qk_norm={t.qk_norm}); "
+        "export a Qwen3 model as qwen3 only",
+    )
+    if arch == "qwen3":
+        _require(t.qkv_bias == t.o_bias, where, "Qwen3 has one attention_bias flag for q/k/v and o")
+        return {"attention_bias": t.qkv_bias}
     if arch == "qwen2":
         _require(
             t.qkv_bias and not t.o_bias,
@@ -150,13 +164,13 @@ def text_config_legacy(t: TextConfig, arch: str, where: str) -> dict[str, Any]:
 
 def text_config_native(t: TextConfig, where: str) -> dict[str, Any]:
     """transformers 5 ``text_config``: InternLM2 becomes Llama (same math once wqkv is split)."""
-    arch = "qwen2" if t.arch == "qwen2" else "llama"
+    arch = t.arch if t.arch in ("qwen2", "qwen3") else "llama"
     out = {"model_type": arch, **_common(t), **_bias_fields(t, arch, where)}
     params: dict[str, Any] = {"rope_theta": t.rope_theta, "rope_type": _rope_type(t.rope_scaling)}
     for key, value in (t.rope_scaling or {}).items():
         if key not in ("type", "rope_type"):
             params[key] = value
     out["rope_parameters"] = params
-    if arch == "qwen2":
+    if arch in ("qwen2", "qwen3"):
         out["use_sliding_window"] = False
     return out

@@ -4,7 +4,7 @@ Names follow what ``save_pretrained`` writes in transformers 5.24 (its llava-sty
 the in-memory ``model.*`` names on save): ``vision_tower.*``, ``multi_modal_projector.*``,
 ``language_model.model.*`` and ``language_model.lm_head.weight``. On import the in-memory names
 (``model.vision_tower.*``, ``model.language_model.*``, ``lm_head.weight``) are accepted too. The text model is
-Llama or Qwen2; InternLM2 is written as Llama (wqkv already split in our layout, w1/w3/w2 = gate/up/down).
+Llama, Qwen2 or Qwen3; InternLM2 is written as Llama (wqkv already split in our layout, w1/w3/w2 = gate/up/down).
 transformers only implements pixel shuffle v2, so a v1 model cannot be exported to this format.
 """
 
@@ -63,6 +63,14 @@ def saved_name(name: str) -> str:
         if name.startswith(memory):
             return saved + name[len(memory) :]
     return name
+
+
+def in_memory_name(saved: str) -> str:
+    """Inverse of ``saved_name``: the name in the loaded model (what PEFT's target modules match)."""
+    for memory, prefix in _IN_MEMORY_PREFIXES:
+        if saved.startswith(prefix):
+            return memory + saved[len(prefix) :]
+    return saved
 
 
 # -- config ------------------------------------------------------------------------------------------------

@@ -6,9 +6,9 @@ InternVL (internvl_chat `build_transform(is_train=True)`) prepends to its per-ti
 re-encoded as JPEG at its own uniformly drawn quality (PIL defaults otherwise) and decoded again -> tensor.
 Its `T.Resize((size, size))` that follows is a no-op on a tile that already has that size.
 
-Instead of torchvision's global RNG, a tile's quality is a counter-based hash of (seed, dp rank, sample
-position in the rank's order, image index, tile index): no RNG state to save, identical for any number of
-loader workers or decode threads, and replayed exactly on resume (positions are replayed).
+Instead of torchvision's global RNG, a tile's quality is a counter-based hash of (seed, sample position in
+the global order, image index, tile index): no RNG state to save, identical for any layout, number of loader
+workers or decode threads, and replayed exactly on resume (positions are replayed).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ JPEG_QUALITIES = tuple(range(75, 101))  # InternVL's `qualities = list(range(75,
 _STREAM = 3  # hash stream tag; sampling.py uses 1 (dataset mixing) and 2 (shuffle buffer)
 
 
-def jpeg_quality(seed: int, rank: int, pos: int, image_index: int, tile_index: int) -> int:
+def jpeg_quality(seed: int, pos: int, image_index: int, tile_index: int) -> int:
     """The JPEG quality (uniform over 75..100) of one tile of one image of the sample at `pos`."""
-    u = hash_uniform(seed, rank, pos, image_index, tile_index, _STREAM)
+    u = hash_uniform(seed, pos, image_index, tile_index, _STREAM)
     return JPEG_QUALITIES[int(u * len(JPEG_QUALITIES))]
 
 
@@ -41,8 +41,8 @@ def jpeg_degrade(tile: np.ndarray, quality: int) -> np.ndarray:
     return decoded.transpose(2, 0, 1)
 
 
-def degrade_tiles(tiles: np.ndarray, seed: int, rank: int, pos: int, image_index: int) -> np.ndarray:
+def degrade_tiles(tiles: np.ndarray, seed: int, pos: int, image_index: int) -> np.ndarray:
     """Every tile of one image ([n, 3, T, T] uint8), degraded in place with its own quality; returns `tiles`."""
     for t in range(len(tiles)):
-        tiles[t] = jpeg_degrade(tiles[t], jpeg_quality(seed, rank, pos, image_index, t))
+        tiles[t] = jpeg_degrade(tiles[t], jpeg_quality(seed, pos, image_index, t))
     return tiles

@@ -38,9 +38,16 @@ class DataConfig:
     num_workers: int = 2
     decode_threads: int = 2
     prefetch_batches: int = 2
-    # Bad input: skipped and counted; the run fails when a dataset's rejected fraction exceeds this.
+    # InternVL's use_data_resampling: draw datasets with weights sqrt(samples per epoch) instead of epochs over
+    # the concatenation (sampling.py).
+    use_data_resampling: bool = False
+    # Bad input: skipped and counted; the run fails when more than max_bad_fraction of a dataset's last
+    # bad_window samples (all ranks together) were rejected, once that window holds min_samples_for_bad_check.
     max_bad_fraction: float = 0.05
-    min_samples_for_bad_check: int = 200
+    min_samples_for_bad_check: int = 1000
+    bad_window: int = 1000
+    # Write RUN_DIR/samples.jsonl: each optimizer step's global batch as "<dataset>:<annotation line>" ids.
+    log_samples: bool = False
     # FLOP estimate used to balance rows across dp ranks (defaults: InternVL-Chat-V1-5, everything trained).
     llm_flops_per_token: float = 6 * 19.86e9
     llm_attn_flops_per_token_pair: float = 1.77e6
@@ -65,5 +72,7 @@ class DataConfig:
             )
         if self.too_long not in ("truncate", "reject"):
             raise ValueError(f"data.too_long={self.too_long!r}: use truncate or reject")
+        if self.bad_window < 1:
+            raise ValueError(f"data.bad_window={self.bad_window} must be >= 1 (samples per dataset)")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"data.max_bad_fraction={self.max_bad_fraction} must be within [0, 1]")

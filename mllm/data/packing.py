@@ -1,9 +1,10 @@
 """FLOP-balanced packing of samples into fixed-length rows.
 
-Every dp rank packs its own stream (no communication, no extra I/O). Balance across ranks comes from making
-every row cost about the same FLOPs: rows are filled to the row length and steered toward a common FLOP target,
-counting vision tiles (a 448 tile through InternViT-6B costs about as much as its 256 LLM tokens) and the
-per-sample attention term, not tokens alone. Any assignment of such rows to ranks is then balanced.
+Every rank packs the same global stream into the same rows (no communication), so the rows do not depend on the
+layout; `assign_rows` then deals each step's rows to the dp ranks. Balance comes from making every row cost about
+the same FLOPs: rows are filled to the row length and steered toward a FLOP target, counting vision tiles (a 448
+tile through InternViT-6B costs about as much as its 256 LLM tokens) and the per-sample attention term, not
+tokens alone, and the dealing puts the heaviest rows on different ranks.
 
 Each row starts with the oldest buffered sample, so no sample waits more than `buffer_size` rows and the
 packer's state stays small (positions and sizes only).
@@ -186,10 +187,25 @@ GOLDEN = 0.6180339887498949
 LEVEL_SPREAD = 0.15  # measured best on the SFT-like mix of bench/packing.py
 
 
-def row_level(row_index: int, spread: float = LEVEL_SPREAD) -> float:
-    """FLOP level of the row-index-th row of every rank: a low-discrepancy sweep of 1 +- spread.
+def row_level(step: int, spread: float = LEVEL_SPREAD) -> float:
+    """FLOP level of the rows of the step-th step: a low-discrepancy sweep of 1 +- spread.
 
-    All ranks build their row i for the same step at the same level, so rows that cannot be made average
-    (a long text with few tiles, say) go to light steps on every rank at once instead of unbalancing a step.
+    All rows of a step target the same level (the loader passes the step index), so any split of the step among
+    dp ranks is balanced, and rows that cannot be made average (a long text with few tiles, say) go to light
+    steps on every rank at once instead of unbalancing a step.
     """
-    return 1.0 + spread * (2.0 * ((row_index * GOLDEN) % 1.0) - 1.0)
+    return 1.0 + spread * (2.0 * ((step * GOLDEN) % 1.0) - 1.0)
+
+
+def assign_rows(flops: list[float], ranks: int) -> list[list[int]]:
+    """Deal one step's rows (their FLOPs) to `ranks` data-parallel ranks: equal counts, largest row first to the
+    least loaded rank (ties: lower rank), each rank's rows in step order. The rows are packed without knowing the
+    layout; only this split depends on it."""
+    per_rank = len(flops) // ranks
+    loads = [0.0] * ranks
+    out: list[list[int]] = [[] for _ in range(ranks)]
+    for i in sorted(range(len(flops)), key=lambda i: (-flops[i], i)):
+        r = min((r for r in range(ranks) if len(out[r]) < per_rank), key=lambda r: (loads[r], r))
+        out[r].append(i)
+        loads[r] += flops[i]
+    return [sorted(rows) for rows in out]

@@ -4,7 +4,7 @@ Stage 1 is cheap: parse the record, read image headers for their sizes, choose g
 only needs its result (token and tile counts), so the expensive stage 2 (JPEG decode, resize, tiles) runs
 after packing and buffered samples hold encoded bytes, not pixels.
 
-Worker w of W handles positions k with k % W == w of the rank's sample order and yields one result per owned
+Worker w of W handles positions k with k % W == w of the global sample order and yields one result per owned
 position, in order; the torch DataLoader's round-robin then restores the exact order whatever W is.
 """
 
@@ -61,9 +61,8 @@ def load_tokenizer(path: str):
 
 
 class SampleProcessor:
-    def __init__(self, cfg: DataConfig, sources: Sequence[Source], rank: int = 0) -> None:
+    def __init__(self, cfg: DataConfig, sources: Sequence[Source]) -> None:
         self.cfg = cfg
-        self.rank = rank  # dp rank: seeds data_augment's per-tile JPEG qualities with the sample position
         self.max_tiles = {s.name: s.max_dynamic_patch or cfg.max_dynamic_patch for s in sources}
         self.augment = {s.name: s.data_augment for s in sources}
         self._conv: ConversationTokenizer | None = None
@@ -153,7 +152,7 @@ class SampleProcessor:
             except Exception as e:  # noqa: BLE001 - a frame that does not decode
                 raise Rejected("corrupt_video", f"{type(e).__name__}: {e}") from None
             # InternVL's video transform is the same per-tile build_transform(is_train=data_augment)
-            return degrade_tiles(tiles, cfg.seed, self.rank, item.pos, 0) if augment else tiles
+            return degrade_tiles(tiles, cfg.seed, item.pos, 0) if augment else tiles
         if not item.images:
             return np.zeros((0, 3, cfg.tile_size, cfg.tile_size), dtype=np.uint8)
         parts = []
@@ -163,7 +162,7 @@ class SampleProcessor:
             except Exception as e:  # noqa: BLE001 - truncated/corrupt pixels only show up when decoding
                 raise Rejected("corrupt_image", f"{type(e).__name__}: {e}") from None
             if augment:  # InternVL degrades each tile after tiling (its per-tile transform), see augment.py
-                tiles = degrade_tiles(tiles, cfg.seed, self.rank, item.pos, i)
+                tiles = degrade_tiles(tiles, cfg.seed, item.pos, i)
             parts.append(tiles)
         tiles = np.concatenate(parts)
         if len(tiles) != item.tiles:  # cannot happen unless the header lied about the size
@@ -171,26 +170,30 @@ class SampleProcessor:
         return tiles
 
 
+def sample_order(sources: Sequence[Source], cfg: DataConfig, epochs: int | None) -> SampleOrder:
+    """The run's global order (the same for every rank and layout); finite when `epochs` is given."""
+    return SampleOrder(sources, cfg.seed, cfg.shuffle_buffer, cfg.use_data_resampling, epochs)
+
+
 def stage1_stream(
     sources: Sequence[Source],
     cfg: DataConfig,
-    rank: int,
-    world: int,
+    epochs: int | None,
     order_state: dict | None,
     needed: frozenset[int],
     k_next: int,
     worker: int = 0,
     num_workers: int = 1,
 ) -> Iterator[Stage1Result]:
-    """Stage-1 results for this worker's positions, from the order state on (infinite)."""
-    order = SampleOrder(sources, cfg.seed, rank, world, cfg.shuffle_buffer)
+    """Stage-1 results for this worker's positions, from the order state on (ends with the order)."""
+    order = sample_order(sources, cfg, epochs)
     if order_state is not None:
         order.load_state_dict(order_state)
     fetcher = Fetcher(sources, order)
     fetcher.start_at_pending()
     processor = SampleProcessor(cfg, sources)
-    while True:
-        k, ref = order.next()
+    while (item := order.next()) is not None:
+        k, ref = item
         if k % num_workers != worker:
             fetcher.forget(ref)
             continue
@@ -204,9 +207,9 @@ def stage1_stream(
 class Stage1Dataset(torch.utils.data.IterableDataset):
     """Runs `stage1_stream` in each DataLoader worker with its worker id."""
 
-    def __init__(self, sources, cfg, rank, world, order_state, needed, k_next) -> None:
+    def __init__(self, sources, cfg, epochs, order_state, needed, k_next) -> None:
         super().__init__()
-        self.args = (sources, cfg, rank, world, order_state, frozenset(needed), k_next)
+        self.args = (sources, cfg, epochs, order_state, frozenset(needed), k_next)
 
     def __iter__(self) -> Iterator[Stage1Result]:
         info = torch.utils.data.get_worker_info()

@@ -42,19 +42,29 @@ def prepare(
     index: dict = {"format": INDEX_FORMAT, "source": source, "datasets": {}}
     for spec in load_meta(meta_path):
         try:
-            lines = [ln for ln in storage.read_text(spec.annotation).splitlines() if ln.strip()]
+            raw_lines = storage.read_text(spec.annotation).splitlines()
         except OSError as e:
             raise ValueError(
                 f"dataset {spec.name!r}: cannot read annotation {spec.annotation} ({e}); fix the meta JSON"
             ) from e
+        # (0-based annotation line, text): sample keys are line numbers, so ids match the meta JSON's.
+        lines = [(i, ln) for i, ln in enumerate(raw_lines) if ln.strip()]
         storage.makedirs(storage.join(out, spec.name))
         shards, report = [], _Report(check)
         bar = tqdm(total=len(lines), desc=f"prepare {spec.name}", unit="sample", disable=not progress)
         for start in range(0, len(lines), shard_size):
             rel = f"{spec.name}/{spec.name}-{start // shard_size:06d}.tar"
             chunk = lines[start : start + shard_size]
-            _write_shard(storage.join(out, rel), spec.root, chunk, start, report)
-            shards.append({"path": rel, "count": len(chunk), "bytes": storage.size(storage.join(out, rel))})
+            _write_shard(storage.join(out, rel), spec.root, chunk, report)
+            shards.append(
+                {
+                    "path": rel,
+                    "count": len(chunk),
+                    "bytes": storage.size(storage.join(out, rel)),
+                    "first_line": chunk[0][0],
+                    "last_line": chunk[-1][0],
+                }
+            )
             bar.update(len(chunk))
         bar.close()
         if report.missing:
@@ -68,6 +78,7 @@ def prepare(
             "data_augment": spec.data_augment,
             "max_dynamic_patch": spec.max_dynamic_patch,
             "length": len(lines),
+            "lines": len(raw_lines),  # annotation lines, blank ones included (repeat_time < 1 cuts these)
             "missing_images": report.missing,
             "shards": shards,
         }
@@ -108,15 +119,15 @@ class _Report:
                 self.unreadable(line, video.name, e)
 
 
-def _write_shard(path: str, root: str, lines: list[str], first_line: int, report: _Report) -> None:
-    """One tar shard: each record with its image bytes, video file or video frames."""
+def _write_shard(path: str, root: str, lines: list[tuple[int, str]], report: _Report) -> None:
+    """One tar shard of (line number, text): each record with its image bytes, video file or video frames."""
     with storage.open_binary(path, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as writer:
-        for i, line in enumerate(lines):
-            sample = {"__key__": f"{first_line + i:09d}", "json": line.encode("utf-8")}
+        for line_no, line in lines:
+            sample = {"__key__": f"{line_no:09d}", "json": line.encode("utf-8")}
             record, _ = parse_line(line)
             kind = media_kind(record) if record else None
             if kind == "video":
-                _add_video(sample, root, str(record["video"]), first_line + i, report)
+                _add_video(sample, root, str(record["video"]), line_no, report)
             for j, name in enumerate(image_names(record) if kind in ("image", "images") else []):
                 try:
                     data = storage.read_bytes(storage.join(root, name))
@@ -124,7 +135,7 @@ def _write_shard(path: str, root: str, lines: list[str], first_line: int, report
                     report.missing += 1
                     continue
                 sample[f"img{j}{os.path.splitext(name)[1].lower()}"] = data
-                report.check_image(first_line + i, name, data)
+                report.check_image(line_no, name, data)
             writer.write(sample)
 
 

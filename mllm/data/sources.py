@@ -63,6 +63,30 @@ def resolve(value: str, meta_path: str) -> tuple[str | None, list[str]]:
     return next((c for c in candidates if storage.exists(c)), None), candidates
 
 
+# Keys of a meta JSON entry we read; InternVL's own training ignores `length` too.
+KNOWN_KEYS = {"root", "annotation", "repeat_time", "data_augment", "max_dynamic_patch", "length"}
+
+
+def repeat_parts(repeat: float, where: str) -> tuple[float, int]:
+    """InternVL's repeat_time: (fraction of lines kept, repeats). r < 1 keeps the first int(n * r) lines, an integer
+    r >= 1 repeats them r times; a fractional r > 1 is an error, as in InternVL (`assert isinstance(r, int)`)."""
+    if repeat <= 0:
+        raise ValueError(f"{where} repeat_time={repeat}; use a positive number")
+    if repeat < 1:
+        return repeat, 1
+    if repeat != int(repeat):
+        raise ValueError(
+            f"{where} repeat_time={repeat}: above 1 it must be a whole number (InternVL repeats the list); "
+            "use an integer, or a value below 1 for a subset"
+        )
+    return 1.0, int(repeat)
+
+
+def subset_size(num_lines: int, fraction: float) -> int:
+    """InternVL's `raw_data[:int(len(raw_data) * repeat_time)]` for repeat_time < 1."""
+    return num_lines if fraction >= 1 else int(num_lines * fraction)
+
+
 def load_meta(path: str | os.PathLike) -> list[DatasetSpec]:
     """Read InternVL's meta JSON (a local path or a URL); relative paths as `resolve` says."""
     path = str(path)
@@ -77,9 +101,17 @@ def load_meta(path: str | os.PathLike) -> list[DatasetSpec]:
         for key in ("root", "annotation"):
             if not isinstance(entry, dict) or key not in entry:
                 raise ValueError(f"{path}: dataset {name!r} has no {key!r}; add it (InternVL meta format)")
+        unknown = sorted(set(entry) - KNOWN_KEYS)
+        if unknown:
+            log.warning(
+                "%s: dataset %r: unknown keys %s are ignored (known: %s)",
+                path,
+                name,
+                unknown,
+                sorted(KNOWN_KEYS),
+            )
         repeat = float(entry.get("repeat_time", 1.0))
-        if repeat <= 0:
-            raise ValueError(f"{path}: dataset {name!r} repeat_time={repeat}; use a positive number")
+        repeat_parts(repeat, f"{path}: dataset {name!r}")
         mdp = entry.get("max_dynamic_patch")
         annotation, looked = resolve(entry["annotation"], path)
         if annotation is None:
@@ -149,7 +181,7 @@ class Source:
     """A dataset: names, per-unit sample counts, mixing weight, and unit reading."""
 
     name: str
-    unit_counts: list[int]
+    unit_counts: list[int]  # samples per unit, after the repeat_time < 1 subset
     repeat_time: float
     max_dynamic_patch: int | None
     data_augment: bool = False  # InternVL's random JPEG degradation of training tiles (augment.py)
@@ -159,9 +191,9 @@ class Source:
         return sum(self.unit_counts)
 
     @property
-    def weight(self) -> float:
-        # Streams mix datasets in proportion to the samples an InternVL epoch would draw from them.
-        return self.length * self.repeat_time
+    def repeats(self) -> int:
+        """Passes over the (subset) lines per epoch of the concatenation (sampling.py)."""
+        return repeat_parts(self.repeat_time, f"dataset {self.name!r}")[1]
 
     def read_unit(self, unit: int) -> Iterator[tuple[int, RawSample]]:
         raise NotImplementedError
@@ -177,18 +209,21 @@ class JsonlSource(Source):
         self.max_dynamic_patch = spec.max_dynamic_patch
         self.data_augment = spec.data_augment
         try:
-            self.lines = [ln for ln in storage.read_text(spec.annotation).splitlines() if ln.strip()]
+            lines = storage.read_text(spec.annotation).splitlines()
         except OSError as e:
             raise ValueError(f"dataset {spec.name!r}: cannot read annotation {spec.annotation} ({e})") from e
+        lines = lines[: subset_size(len(lines), repeat_parts(spec.repeat_time, spec.name)[0])]
+        # (0-based line number in the annotation file, text): blank lines are skipped, numbers are kept.
+        self.lines = [(i, ln) for i, ln in enumerate(lines) if ln.strip()]
         n = len(self.lines)
         self.unit_counts = [min(JSONL_UNIT, n - i) for i in range(0, n, JSONL_UNIT)]
 
     def read_unit(self, unit: int) -> Iterator[tuple[int, RawSample]]:
         base = unit * JSONL_UNIT
         for idx in range(self.unit_counts[unit]):
-            line_no = base + idx
-            key = f"{self.name}:{line_no + 1}"
-            record, error = parse_line(self.lines[line_no])
+            line_no, text = self.lines[base + idx]
+            key = sample_key(self.name, line_no)
+            record, error = parse_line(text)
             sample = RawSample(self.name, key, record, error=error)
             if record is not None:
                 self._load_images(sample, record)
@@ -207,6 +242,11 @@ class JsonlSource(Source):
                 sample.image_errors.append(f"{name}: {getattr(e, 'strerror', None) or e}")
 
 
+def sample_key(dataset: str, line: int) -> str:
+    """A sample's id in logs, metrics and samples.jsonl: `<dataset>:<0-based line of its annotation file>`."""
+    return f"{dataset}:{line}"
+
+
 def _raise(exc: Exception) -> bool:
     raise exc
 
@@ -222,19 +262,41 @@ class ShardSource(Source):
         self.data_augment = bool(entry.get("data_augment", False))
         self.shards = [s["path"] for s in entry["shards"]]
         self.unit_counts = [int(s["count"]) for s in entry["shards"]]
+        fraction = repeat_parts(self.repeat_time, f"{storage.join(root, INDEX_NAME)}: dataset {name!r}")[0]
+        if fraction < 1:
+            if "lines" not in entry:
+                raise ValueError(
+                    f"{storage.join(root, INDEX_NAME)}: shards predate repeat_time < 1 support; re-run prepare"
+                )
+            self._keep_first_lines(entry["shards"], subset_size(int(entry["lines"]), fraction))
+
+    def _keep_first_lines(self, shards: list[dict], cut: int) -> None:
+        """repeat_time < 1: only samples of annotation lines < cut (shards hold lines in order); only the shard
+        the cut falls in is read, for its keys."""
+        kept = []
+        for unit, shard in enumerate(shards):
+            if shard["first_line"] >= cut:
+                break
+            if shard["last_line"] < cut:
+                kept.append(self.unit_counts[unit])
+                continue
+            kept.append(sum(1 for _, s in self.read_unit(unit) if int(s.key.rsplit(":", 1)[1]) < cut))
+            break
+        self.unit_counts = kept
 
     def read_unit(self, unit: int) -> Iterator[tuple[int, RawSample]]:
         path = storage.join(self.root, self.shards[unit])
         try:
             with storage.open_binary(path) as f:
                 files = wds.tariterators.tar_file_expander([{"url": path, "stream": f}], handler=_raise)
-                for idx, item in enumerate(wds.tariterators.group_by_keys(files, handler=_raise)):
+                samples = wds.tariterators.group_by_keys(files, handler=_raise)
+                for idx, item in zip(range(self.unit_counts[unit]), samples):
                     yield idx, self._to_sample(item)
         except Exception as e:  # noqa: BLE001 - any failure of a shard is counted, never fatal
             log.warning("shard %s unreadable after some samples: %s", path, e)
 
     def _to_sample(self, item: dict[str, Any]) -> RawSample:
-        key = f"{self.name}:{item['__key__']}"
+        key = sample_key(self.name, int(item["__key__"]))
         record, error = parse_line(item.get("json", b"").decode("utf-8", "replace"))
         sample = RawSample(self.name, key, record, error=error)
         if record is not None and media_kind(record) == "video":

@@ -2,10 +2,11 @@
 
 Every sample goes through the training pipeline's stage 1 (record, image headers, tiling, template, tokens;
 no pixel decoding), so the rejections, tiles and token counts are the ones training will see. Per dataset:
-lines, samples per epoch after `repeat_time` (InternVL: the first int(n*r) lines for r < 1, r copies for an
-integer r > 1), rejections by reason with an example each, truncations, histograms of tiles per sample and of
-token lengths, the fraction of tokens that are image tokens; for all datasets: tokens and packed rows per epoch
-and, with a recipe, optimizer steps per epoch (rows / train.global_batch_size).
+the samples one pass reads (InternVL's repeat_time < 1 keeps only the first int(n*r) annotation lines, and
+only those are audited), samples per epoch (times an integer repeat_time), rejections by reason with an example
+each, truncations, histograms of tiles per sample and of token lengths, the fraction of tokens that are image
+tokens; for all datasets: tokens and packed rows per epoch and, with a recipe, optimizer steps per epoch
+(rows / train.global_batch_size).
 """
 
 from __future__ import annotations
@@ -21,13 +22,6 @@ from mllm.data.sources import Source, open_sources
 TOKEN_BINS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
-def epoch_samples(lines: int, repeat_time: float) -> int:
-    """Samples of one InternVL epoch of a dataset (LazySupervisedDataset's repeat_time rule)."""
-    if repeat_time < 1:
-        return int(lines * repeat_time)
-    return lines * int(repeat_time) if repeat_time > 1 else lines
-
-
 def token_bin(n: int) -> str:
     edge = next((b for b in TOKEN_BINS if n <= b), None)
     return f"<={edge}" if edge is not None else f">{TOKEN_BINS[-1]}"
@@ -36,8 +30,9 @@ def token_bin(n: int) -> str:
 @dataclass
 class DatasetStats:
     name: str
-    lines: int
+    samples: int  # samples one pass reads: the annotation's non-blank lines, after repeat_time < 1's cut
     repeat_time: float
+    repeats: int  # passes per epoch (an integer repeat_time)
     accepted: int = 0
     truncated: int = 0
     tokens: int = 0
@@ -49,15 +44,15 @@ class DatasetStats:
 
     @property
     def samples_per_epoch(self) -> int:
-        return epoch_samples(self.lines, self.repeat_time)
+        return self.samples * self.repeats
 
     def scale(self) -> float:
-        """Accepted samples of an epoch per accepted sample read (repeat_time over the audited lines)."""
-        return self.samples_per_epoch / self.lines if self.lines else 0.0
+        """Samples of an epoch per sample audited (each audited sample is read `repeats` times)."""
+        return float(self.repeats)
 
     def to_json(self) -> dict:
         return {
-            "lines": self.lines,
+            "samples": self.samples,
             "repeat_time": self.repeat_time,
             "samples_per_epoch": self.samples_per_epoch,
             "accepted": self.accepted,
@@ -72,7 +67,7 @@ class DatasetStats:
 
 
 def audit_source(source: Source, processor: SampleProcessor, num_image_token: int) -> DatasetStats:
-    stats = DatasetStats(source.name, source.length, source.repeat_time)
+    stats = DatasetStats(source.name, source.length, source.repeat_time, source.repeats)
     pos = 0
     for unit in range(len(source.unit_counts)):
         for _, raw in source.read_unit(unit):
@@ -126,7 +121,7 @@ def format_audit(report: dict) -> str:
     lines = [f"data audit of {report['path']} (template {report['template']}, seq_len {report['seq_len']})"]
     for name, d in report["datasets"].items():
         lines.append(
-            f"\n{name}: {d['lines']} lines, {d['samples_per_epoch']} samples per epoch (repeat_time "
+            f"\n{name}: {d['samples']} samples, {d['samples_per_epoch']} samples per epoch (repeat_time "
             f"{d['repeat_time']}), {d['accepted']} accepted, {d['truncated']} truncated, image tokens "
             f"{d['image_token_fraction']:.1%} of {d['tokens']} tokens"
         )

@@ -73,6 +73,8 @@ def fp8_module_filter(cfg: FP8Config, num_llm_layers: int) -> Callable[[nn.Modul
             return False
         if fqn == "lm_head" or fqn.endswith(".lm_head"):
             return False
+        if fqn.endswith((".lora_A", ".lora_B")):  # rank-r LoRA adapters: tiny GEMMs, kept in BF16
+            return False
         if cfg.bf16_projector and (fqn.startswith("projector.") or ".projector." in fqn):
             return False
         if cfg.bf16_vision and (fqn.startswith("vision.") or ".vision." in fqn):

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mllm.model.lora import LoraConfig
+
 
 @dataclass
 class VisionConfig:
@@ -39,9 +41,9 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    """A Llama-family decoder as InternLM2, Llama and Qwen2 use it. Defaults are InternLM2-20B-chat."""
+    """A Llama-family decoder as InternLM2, Llama, Qwen2 and Qwen3 use it. Defaults are InternLM2-20B-chat."""
 
-    arch: str = "internlm2"  # "internlm2" | "llama" | "qwen2": only changes the checkpoint layout
+    arch: str = "internlm2"  # "internlm2" | "llama" | "qwen2" | "qwen3": only changes the checkpoint layout
     vocab_size: int = 92553
     hidden_size: int = 6144
     num_layers: int = 48
@@ -56,6 +58,7 @@ class TextConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     tie_word_embeddings: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k (weight [head_dim], shared by heads)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -77,6 +80,8 @@ class ModelConfig:
     attention_backend: str = "sdpa"  # "sdpa" | "flex" | "flash" | "auto" (see mllm.model.attention)
     init_std: float = 0.02
     init_from: str | None = None  # an HF directory (either format) to load weights from
+    # LoRA adapters (InternVL's use_backbone_lora / use_llm_lora); a run sets them with the top-level ``lora``.
+    lora: LoraConfig = field(default_factory=LoraConfig)
     # Hugging Face config.json fields with no ModelConfig counterpart, per HF format ("internvl_chat" or
     # "transformers"), kept so that an import -> train -> export round trip loses nothing (mllm.convert).
     hf_extra: dict[str, Any] = field(default_factory=dict)
@@ -113,6 +118,7 @@ class ModelConfig:
             raise ValueError(
                 f"model.vision.norm_type must be 'rms_norm' or 'layer_norm', got {v.norm_type!r}"
             )
+        self.lora.validate()
         if not -(v.num_layers + 1) <= self.select_layer <= v.num_layers:
             raise ValueError(
                 f"model.select_layer {self.select_layer} out of range for {v.num_layers} ViT layers"
@@ -179,8 +185,158 @@ def tiny(vocab_size: int = 1024, image_token_id: int = 1000, image_size: int = 5
     )
 
 
+# -- InternVL 2.5 / 3 / 3.5 (dense) ---------------------------------------------------------------------------
+# Sources: each model's config.json on huggingface.co (OpenGVLab/InternVL2_5-8B, InternVL2_5-78B, InternVL3-8B,
+# InternVL3-78B, InternVL3_5-8B) and the pairings in the headers of InternVL's training scripts
+# (github.com/OpenGVLab/InternVL internvl_chat/shell/internvl2.5/stage2/*.sh). All five: 448 px tiles,
+# downsample 0.5, pixel shuffle v2, last ViT layer, the internvl2_5 template, 256 tokens per tile.
+def internvit_300m_448px_v2_5() -> VisionConfig:
+    """InternViT-300M-448px-V2_5: 24 layers, 1024 wide, 16 heads, LayerNorm, qkv bias, no QK-norm."""
+    return VisionConfig(
+        hidden_size=1024,
+        num_layers=24,
+        num_heads=16,
+        intermediate_size=4096,
+        norm_type="layer_norm",
+        qkv_bias=True,
+        qk_norm=False,
+    )
+
+
+def internvit_6b_448px_v2_5() -> VisionConfig:
+    """InternViT-6B-448px-V2_5: 45 layers (as V1-5), 3200 wide, 25 heads, RMSNorm, full-width QK-norm."""
+    return VisionConfig(
+        hidden_size=3200,
+        num_layers=45,
+        num_heads=25,
+        intermediate_size=12800,
+        norm_type="rms_norm",
+        qk_norm=True,
+    )
+
+
+def _family(vision: VisionConfig, text: TextConfig, image_token_id: int) -> ModelConfig:
+    return ModelConfig(
+        vision=vision,
+        text=text,
+        image_token_id=image_token_id,
+        template="internvl2_5",
+        attention_backend="auto",
+    )
+
+
+_DYNAMIC_2 = {"type": "dynamic", "factor": 2.0}
+
+
+def _qwen2_5_72b(rope_scaling: dict[str, Any] | None) -> TextConfig:
+    """Qwen2.5-72B as InternVL's 78B models carry it (vocabulary resized to 151674 for InternVL's tokens)."""
+    return TextConfig(
+        arch="qwen2",
+        vocab_size=151674,
+        hidden_size=8192,
+        num_layers=80,
+        num_heads=64,
+        num_kv_heads=8,
+        intermediate_size=29568,
+        rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=32768,
+        qkv_bias=True,
+    )
+
+
+def internvl2_5_8b() -> ModelConfig:
+    """InternVL2_5-8B: InternViT-300M-448px-V2_5 + internlm2_5-7b-chat."""
+    text = TextConfig(
+        arch="internlm2",
+        vocab_size=92553,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        intermediate_size=14336,
+        rope_scaling=dict(_DYNAMIC_2),
+    )
+    return _family(internvit_300m_448px_v2_5(), text, 92546)
+
+
+def internvl3_8b() -> ModelConfig:
+    """InternVL3-8B: InternViT-300M-448px-V2_5 + Qwen2.5-7B."""
+    text = TextConfig(
+        arch="qwen2",
+        vocab_size=151674,
+        hidden_size=3584,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        intermediate_size=18944,
+        rms_norm_eps=1e-6,
+        rope_scaling=dict(_DYNAMIC_2),
+        qkv_bias=True,
+    )
+    return _family(internvit_300m_448px_v2_5(), text, 151667)
+
+
+def internvl3_5_8b() -> ModelConfig:
+    """InternVL3_5-8B (dense): InternViT-300M-448px-V2_5 + Qwen3-8B (per-head q/k norms, head_dim 128)."""
+    text = TextConfig(
+        arch="qwen3",
+        vocab_size=151936,
+        hidden_size=4096,
+        num_layers=36,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=12288,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=40960,
+        qk_norm=True,
+    )
+    return _family(internvit_300m_448px_v2_5(), text, 151671)  # Qwen3 owns 151665..151668 already
+
+
+def internvl2_5_78b() -> ModelConfig:
+    """InternVL2_5-78B: InternViT-6B-448px-V2_5 + Qwen2.5-72B-Instruct (rope as Qwen2.5-72B: no scaling)."""
+    return _family(internvit_6b_448px_v2_5(), _qwen2_5_72b(None), 151667)
+
+
+def internvl3_78b() -> ModelConfig:
+    """InternVL3-78B: InternViT-6B-448px-V2_5 + Qwen2.5-72B (dynamic NTK rope, factor 2)."""
+    return _family(internvit_6b_448px_v2_5(), _qwen2_5_72b(dict(_DYNAMIC_2)), 151667)
+
+
+def tiny_twin(preset: str) -> ModelConfig:
+    """A few-kB model with the structure of ``preset`` (ViT norm/bias/QK-norm, text architecture, Qwen3's
+    norms, a head_dim apart from the width where the preset has one, template, pixel shuffle): for CPU tests."""
+    big = PRESETS[preset]()
+    cfg = tiny()
+    v, t = cfg.vision, cfg.text
+    v.norm_type, v.qkv_bias, v.qk_norm = big.vision.norm_type, big.vision.qkv_bias, big.vision.qk_norm
+    v.num_heads = 3 if big.vision.num_heads % 2 else 4  # 25 heads: uneven over tp 2 too
+    t.arch, t.qkv_bias, t.o_bias, t.qk_norm = (
+        big.text.arch,
+        big.text.qkv_bias,
+        big.text.o_bias,
+        big.text.qk_norm,
+    )
+    t.head_dim = 24 if big.text.head_dim else None  # 4 x 24 != 64 like 32 x 128 != 4096
+    t.rope_scaling = dict(big.text.rope_scaling) if big.text.rope_scaling else None
+    cfg.template, cfg.ps_version = big.template, big.ps_version
+    return cfg
+
+
 PRESETS = {
     "internvl_chat_v1_5": internvl_chat_v1_5,
     "mini_internvl_chat_2b_v1_5": mini_internvl_chat_2b_v1_5,
+    "internvl2_5_8b": internvl2_5_8b,
+    "internvl3_8b": internvl3_8b,
+    "internvl3_5_8b": internvl3_5_8b,
+    "internvl2_5_78b": internvl2_5_78b,
+    "internvl3_78b": internvl3_78b,
     "tiny": tiny,
+}
+VISION_PRESETS = {
+    "internvit_300m_448px_v2_5": internvit_300m_448px_v2_5,
+    "internvit_6b_448px_v2_5": internvit_6b_448px_v2_5,
 }

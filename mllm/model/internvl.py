@@ -14,6 +14,7 @@ from torch import nn
 from mllm.model.attention import AttentionMask
 from mllm.model.config import ModelConfig
 from mllm.model.llm import DecoderLayer
+from mllm.model.lora import apply_lora, init_lora_
 from mllm.model.norms import RMSNorm
 from mllm.model.projector import Projector, vit_features_to_tokens
 from mllm.model.rope import RotaryEmbedding
@@ -64,6 +65,7 @@ class InternVLModel(nn.Module):
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.text.tie_word_embeddings:
             self.lm_head.weight = self.llm.embed_tokens.weight
+        apply_lora(self, cfg.lora)
 
     # -- pieces -------------------------------------------------------------------------------------------
     def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -176,6 +178,7 @@ def init_weights(model: InternVLModel, std: float = 0.02) -> None:
     for block in model.vision.layers:
         block.ls1.fill_(model.cfg.vision.layer_scale_init)
         block.ls2.fill_(model.cfg.vision.layer_scale_init)
+    init_lora_(model)
 
 
 def count_parameters(model: InternVLModel) -> dict[str, int]:

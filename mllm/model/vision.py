@@ -56,7 +56,10 @@ class VisionEmbeddings(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
         height, width = patches.shape[-2:]
-        patches = patches.flatten(2).transpose(1, 2)
+        # The residual stream is in the parameters' dtype (fp32 master weights under autocast, as in the LLM):
+        # the conv's autocast output (bf16) is cast up here, so every block sees one dtype (the layer scales
+        # would promote it after the first block otherwise) and each compiled block has one graph.
+        patches = patches.flatten(2).transpose(1, 2).to(self.position_embedding.dtype)
         cls = self.class_embedding.expand(patches.shape[0], -1, -1).to(patches.dtype)
         pos = torch.cat([self.position_embedding[:, :1], self._patch_positions(height, width)], dim=1)
         return torch.cat([cls, patches], dim=1) + pos.to(patches.dtype)

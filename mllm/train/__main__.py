@@ -7,6 +7,7 @@ group or model is created; a bad config exits with one line naming the key and t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -18,6 +19,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--dry-run", action="store_true", help="layout, memory and FLOPs on the meta device; no model"
     )
     p.add_argument("--cfg", action="store_true", help="print the composed config and exit")
+    p.add_argument(
+        "--gpu-memory", type=float, default=None, metavar="GIB", help="dry run: GPU memory per rank"
+    )
+    p.add_argument("--search", action="store_true", help="dry run: list the best layouts for the world size")
+    p.add_argument("--json", action="store_true", help="dry run: the report as JSON on the last line")
     args, overrides = p.parse_known_args(argv)
     bad = [o for o in overrides if o.startswith("-")]
     if bad:
@@ -42,19 +48,51 @@ def main(argv: list[str] | None = None) -> int:
             from mllm.train.dry_run import dry_run_world_size, print_dry_run
 
             world = dry_run_world_size(run)
+            memory = args.gpu_memory or run.parallel.gpu_memory_gib or None
+            if args.search:
+                from mllm.train.plan_report import print_search
+
+                print_search(run, world, memory or 80.0, args.json)
+                return 0
+            _auto_layout(run, world, memory)
             # The dry run plans the target machine's run: GPU fast-path keys are fine on a laptop.
             device = "cpu" if run.train.device == "cpu" else "cuda"
             validate_run_config(run, world, need_data=False, device_type=device)
-            print_dry_run(run, world)
+            print_dry_run(run, world, memory, args.json)
             return 0
+        _auto_layout(run, world_size_from_env(), None)
         validate_run_config(run, world_size_from_env())  # the fast-path keys and data files too
     except (ConfigError, FastPathError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from mllm.data.badsamples import DataQualityError
     from mllm.train.run import run_training
 
-    run_training(run)
+    try:
+        run_training(run)
+    except DataQualityError as exc:  # raised on every rank at the same step: one line, from rank 0
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
+        return 3
     return 0
+
+
+def _auto_layout(run, world: int, memory: float | None) -> None:
+    """``parallel.layout=auto``: the planner's layout replaces the recipe's (printed by rank 0)."""
+    import os
+
+    from mllm.config import ConfigError
+    from mllm.train.plan_report import layout_line, resolve_auto_layout
+
+    try:
+        chosen = resolve_auto_layout(run, world, memory)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if chosen is not None and os.environ.get("RANK", "0") == "0":
+        print(
+            f"parallel.layout=auto: {layout_line(chosen)} (peak {chosen.max_rank_bytes / 2**30:.1f} of "
+            f"{chosen.hardware.gpu_memory_gib:g} GiB, step ~{chosen.est_step_s:.1f} s estimated)"
+        )
 
 
 if __name__ == "__main__":

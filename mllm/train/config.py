@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from mllm.data.config import DataConfig
 from mllm.kernels.fp8 import FP8Config
 from mllm.model.config import ModelConfig
+from mllm.model.lora import LoraConfig, resolve_lora
 from parallel.config import ParallelConfig
 
 
@@ -45,6 +46,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 100  # optimizer steps (the schedule's length)
+    # InternVL's num_train_epochs: when set, replaces steps by the optimizer steps of this many epochs of the
+    # data as it is packed (after repeat_time); every sample of an epoch is trained exactly once.
+    epochs: int | None = None
     stop_after: int | None = None  # end this invocation (with a checkpoint) after this many steps in total
     run_dir: str = "runs/default"
     seed: int = 0
@@ -59,6 +63,9 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 3  # stop after this many skipped (NaN/inf) steps in a row
     dry_run: bool = False  # print layout, memory and FLOPs on the meta device, then exit
     compile: bool = False  # torch.compile every ViT block and decoder layer (mllm.kernels.compile)
+    # Pixels just in time: micro-batches whose tiles are copied to the device ahead of the running one
+    # (mllm.train.batches.PixelFeeder); only ranks that run the ViT receive tiles.
+    pixels_ahead: int = 1
 
 
 @dataclass
@@ -89,3 +96,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     fp8: FP8Config = field(default_factory=FP8Config)  # FP8 training (mllm.kernels.fp8 / TE recipes)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # lora.vision / lora.llm = rank; becomes model.lora
+
+    def __post_init__(self) -> None:
+        self.model.lora = resolve_lora(self.lora, self.model.lora)

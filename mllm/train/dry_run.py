@@ -7,6 +7,7 @@ group; shards are equal up to padding). Works for the 26B recipes on a laptop. T
 
 from __future__ import annotations
 
+import functools
 import os
 
 from mllm.train.config import RunConfig
@@ -102,19 +103,22 @@ def activation_bytes(run: RunConfig, world: int, llm_layers: int, has_vision: bo
     total = layer_stack_bytes(
         s, h, llm_layers, tp, pcfg.sequence_parallel, pcfg.activation_checkpointing_llm, value_bytes
     )
+    transient = 0.0
     if has_vision:
         v = m.vision
         tiles = data.max_tiles_per_row * data.micro_batch_size
-        total += layer_stack_bytes(
-            tiles * (v.num_patches + 1),
-            v.hidden_size,
-            v.num_layers,
-            tp,
-            False,
-            pcfg.activation_checkpointing_vision,
-            value_bytes,
-        )
-    return float(total * micro_batches_in_flight(run, world, pp_rank))
+        # A frozen ViT prefix runs without autograd (parallel.pipeline.StageModule.image_tokens): it keeps
+        # nothing, only one layer's values exist while it runs. A ViT with LoRA adapters keeps its activations.
+        frozen = v.num_layers if pcfg.freeze_vision else pcfg.freeze_vit_layers_below
+        if m.lora.vision > 0:
+            frozen = 0
+        vit = functools.partial(layer_stack_bytes, tiles * (v.num_patches + 1), v.hidden_size, tp=tp,
+                                sequence_parallel=False, value_bytes=value_bytes)  # fmt: skip
+        if v.num_layers > frozen:
+            total += vit(layers=v.num_layers - frozen, checkpointed=pcfg.activation_checkpointing_vision)
+        else:
+            transient = vit(layers=1, checkpointed=False)
+    return float(total * micro_batches_in_flight(run, world, pp_rank) + transient)
 
 
 def flops_per_step(run: RunConfig) -> float:
@@ -125,13 +129,20 @@ def flops_per_step(run: RunConfig) -> float:
     return step_flops(run.model, [(d.seq_len, tiles)], parts).total * run.train.global_batch_size
 
 
-def print_dry_run(run: RunConfig, world: int) -> None:
+def print_dry_run(
+    run: RunConfig, world: int, gpu_memory_gib: float | None = None, as_json: bool = False
+) -> None:
+    """Layout, batch, stage split, the planner's memory per rank (``mllm.train.planner``) and FLOPs; with
+    ``as_json`` the plan as one JSON object on the last line."""
+    from mllm.train.plan_report import print_plan
+
     p, t, d = run.parallel, run.train, run.data
     dp = p.dp_size(world)
     accum = t.global_batch_size // (d.micro_batch_size * dp)
     print(
         f"layout: world {world} = tp {p.tp} x pp {p.pp} x dp {dp} (virtual stages {p.virtual_stages}, "
-        f"schedule {p.pp_schedule}, sequence parallel {p.sequence_parallel}, ZeRO-1 {p.shard_optimizer})"
+        f"schedule {p.pp_schedule}, sequence parallel {p.sequence_parallel}, ZeRO-1 {p.shard_optimizer}, "
+        f"FSDP dp_shard {p.dp_shard} x {dp // p.dp_shard} replicas)"
     )
     print(
         f"batch: global {t.global_batch_size} rows of {d.seq_len} tokens = micro {d.micro_batch_size} x dp "
@@ -139,19 +150,9 @@ def print_dry_run(run: RunConfig, world: int) -> None:
     )
     lps = resolve_layers_per_stage(run.model, p)
     print(f"stage split (LLM layers per stage; ViT + projector on stage 0, head on the last): {lps}")
-    print(
-        f"{'pp rank':>7} {'params':>9} {'trainable':>9} {'weights':>8} {'grads':>8} {'adam':>8} "
-        f"{'activ.':>8} {'total GiB':>9}"
-    )
-    for pp_rank in range(p.pp):
-        m = rank_memory(run, world, pp_rank)
-        total = m["weights"] + m["grads"] + m["adam"] + m["activations"]
-        print(
-            f"{pp_rank:>7} {m['params'] / 1e9:>8.2f}B {m['trainable'] / 1e9:>8.2f}B {m['weights'] / GIB:>8.1f} "
-            f"{m['grads'] / GIB:>8.1f} {m['adam'] / GIB:>8.1f} {m['activations'] / GIB:>8.1f} {total / GIB:>9.1f}"
-        )
     flops = flops_per_step(run)
     print(
         f"FLOPs per step: {flops:.3e} ({flops / world / 1e12:.1f} TFLOP per device; model FLOPs, Megatron "
         f"formula, see mllm/train/flops.py)"
     )
+    print_plan(run, world, gpu_memory_gib, as_json)

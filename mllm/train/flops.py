@@ -9,8 +9,9 @@ Megatron-LM" (SC'21, appendix), generalised to grouped-query attention and gated
 i.e. per token and layer, forward: 2*h*(q + 2*kv) for QKV, 2*q*h for the output projection, 2*2*s*q for the
 QK^T and AV products over the whole sequence, 2*h*f per MLP matrix (3 matrices when gated, ``gate`` = 1.5 in
 Megatron's normalisation) and 2*h*V for the logits; the backward pass doubles it (data and weight gradients),
-hence the factor 3. Like Megatron, attention scores are counted over the full s x s square (no causal halving),
-and embedding lookups, norms and activations are not counted. These are *model* FLOPs: activation
+hence the factor 3. Like Megatron, attention scores are counted over the full s x s square (no causal halving)
+by default; ``causal_triangle=True`` counts only the s(s+1)/2 query-key pairs a causal kernel has to compute
+(what ``bench/gpu_bench.py`` reports, so that MFU does not credit the skipped upper triangle). Embedding lookups, norms and activations are not counted. These are *model* FLOPs: activation
 recomputation is not counted and padding tokens are not counted.
 
 Differences from the plain Megatron formula, all because this model is not a plain decoder:
@@ -91,14 +92,19 @@ def projector_forward_flops_per_tile(cfg: ModelConfig) -> float:
     return float(cfg.num_image_token * (2 * in_width * d + 2 * d * d))
 
 
-def llm_forward_flops(cfg: TextConfig, sample_tokens: int) -> tuple[float, float]:
-    """(GEMM FLOPs incl. logits, attention-product FLOPs) of one packed sample through the LLM, forward."""
+def llm_forward_flops(
+    cfg: TextConfig, sample_tokens: int, causal_triangle: bool = False
+) -> tuple[float, float]:
+    """(GEMM FLOPs incl. logits, attention-product FLOPs) of one packed sample through the LLM, forward.
+
+    Attention products over s^2 query-key pairs (Megatron), or s(s+1)/2 with ``causal_triangle``."""
     h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q_width = cfg.num_heads * cfg.resolved_head_dim
     kv_width = cfg.num_kv_heads * cfg.resolved_head_dim
     per_token_layer = 2 * h * (q_width + 2 * kv_width) + 2 * q_width * h + 3 * 2 * h * f
     gemm = sample_tokens * (per_token_layer * cfg.num_layers + 2 * h * v)
-    attention = 2 * 2 * sample_tokens * sample_tokens * q_width * cfg.num_layers
+    pairs = sample_tokens * (sample_tokens + 1) // 2 if causal_triangle else sample_tokens * sample_tokens
+    attention = 2 * 2 * pairs * q_width * cfg.num_layers
     return float(gemm), float(attention)
 
 
@@ -119,11 +125,13 @@ class StepFlops:
         return StepFlops(self.vision + other.vision, self.projector + other.projector, self.llm + other.llm)
 
 
-def sample_flops(cfg: ModelConfig, n_tokens: int, n_tiles: int, parts: TrainedParts) -> StepFlops:
+def sample_flops(
+    cfg: ModelConfig, n_tokens: int, n_tiles: int, parts: TrainedParts, causal_triangle: bool = False
+) -> StepFlops:
     """Training FLOPs of one sample: ``n_tokens`` LLM tokens (image tokens included), ``n_tiles`` ViT tiles."""
     mult = multipliers_for(parts)
     vit_gemm, vit_attn = vision_forward_flops_per_tile(cfg.vision)
-    llm_gemm, llm_attn = llm_forward_flops(cfg.text, n_tokens)
+    llm_gemm, llm_attn = llm_forward_flops(cfg.text, n_tokens, causal_triangle)
     return StepFlops(
         vision=n_tiles * (mult["vision"].gemm * vit_gemm + mult["vision"].attention * vit_attn),
         projector=n_tiles * mult["projector"].gemm * projector_forward_flops_per_tile(cfg),
@@ -132,17 +140,20 @@ def sample_flops(cfg: ModelConfig, n_tokens: int, n_tiles: int, parts: TrainedPa
 
 
 def step_flops(
-    cfg: ModelConfig, samples: Iterable[tuple[int, int]], parts: TrainedParts | None = None
+    cfg: ModelConfig,
+    samples: Iterable[tuple[int, int]],
+    parts: TrainedParts | None = None,
+    causal_triangle: bool = False,
 ) -> StepFlops:
     """FLOPs of a step over ``samples`` = [(n_tokens, n_tiles), ...] (all ranks' samples for the global step).
 
     Padding is not counted (it is not model work); dummy tiles of text-only samples are counted by passing them
-    in ``n_tiles`` (they do run through the ViT).
+    in ``n_tiles`` (they do run through the ViT). ``causal_triangle``: see ``llm_forward_flops``.
     """
     parts = parts or TrainedParts()
     total = StepFlops()
     for n_tokens, n_tiles in samples:
-        total = total + sample_flops(cfg, int(n_tokens), int(n_tiles), parts)
+        total = total + sample_flops(cfg, int(n_tokens), int(n_tiles), parts, causal_triangle)
     return total
 
 
@@ -163,7 +174,8 @@ def tflops_per_device(flops: float, seconds: float, n_devices: int) -> float:
 # Dense bf16 peak TFLOP/s (no sparsity) by device name substring, from the vendors' data sheets.
 PEAK_BF16_TFLOPS: dict[str, float] = {
     "H200": 989.0,
-    "H100": 989.0,  # SXM; the PCIe card is 756
+    "H100 PCIe": 756.0,  # matched before "H100" (first match wins)
+    "H100": 989.0,  # SXM
     "A100": 312.0,
     "L40S": 362.0,
     "A10": 125.0,

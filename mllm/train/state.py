@@ -12,7 +12,10 @@ this rank owns, without copies (detached views of the parameters and AdamW state
 every element once and, on load, reads each rank's chunk from whichever saved chunks overlap it: a checkpoint
 written at tp2 x pp2 loads at dp2 or pp4, into the TE backend (same local shards), or in one process into full
 tensors (export). Pipeline ranks offer disjoint names (their stages' parameters); with a sharded (ZeRO-1)
-optimizer each data-parallel rank offers the states of the parameters it owns. Nothing full-size is
+optimizer each data-parallel rank offers the states of the parameters it owns. Under FSDP2
+(``parallel.dp_shard``) a parameter and its AdamW states are DTensors sharded along dim 0 of the tp-local
+tensor: the local rows are offered at their row offset added to the tensor-parallel placement, so a checkpoint
+moves between dp_shard layouts (and to tp/pp layouts without FSDP) like any other. Nothing full-size is
 materialized on any rank.
 """
 
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from parallel.fsdp import is_sharded, local_rows
 from parallel.shard import ShardSpec
 
 ADAM_TENSOR_STATES = ("exp_avg", "exp_avg_sq")
@@ -83,21 +87,32 @@ def _owned(pm, opt) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in pm.trainable_parameters() if p in inner.state]
 
 
-def _add(out: ShardedState, key: str, local: torch.Tensor, spec: ShardSpec | None, pm) -> None:
-    """Offer ``local`` (this rank's shard of a tensor described by ``spec``) under ``key``."""
-    local = local.detach()
-    if spec is None:
+def _add(out: ShardedState, key: str, tensor: torch.Tensor, spec: ShardSpec | None, pm) -> None:
+    """Offer ``tensor`` (this rank's tp shard of a tensor described by ``spec``; under FSDP a DTensor holding
+    rows ``row0..`` of it) under ``key``."""
+    sharded = is_sharded(tensor)
+    local, row0 = local_rows(tensor.detach())
+    tp_shape = list(tensor.shape)  # the whole tp-local shape (a DTensor's global shape)
+    if spec is None and not sharded:
         out.tensors[key] = local
         return
-    out.padded[key] = (local, spec)
-    start, length = spec.real_extent(pm.tp.rank, pm.tp.size)
-    if length == 0:  # only dummy heads / vocabulary padding: nothing of the full tensor lives here
+    offsets, size, real = [0] * local.ndim, list(tp_shape), local
+    if local.ndim:
+        offsets[0] = row0
+    if spec is not None:
+        out.padded[key] = (local, spec)
+        start, length = spec.real_extent(pm.tp.rank, pm.tp.size)
+        # Real entries along spec.dim are [0, length) of the tp-local tensor; along dim 0 this shard holds
+        # [row0, row0 + rows).
+        keep = min(length - row0, local.shape[0]) if spec.dim == 0 else length
+        if keep <= 0:  # only dummy heads / vocabulary padding: nothing of the full tensor lives here
+            return
+        real = local.narrow(spec.dim, 0, keep)
+        offsets[spec.dim] += start
+        size[spec.dim] = spec.full
+    if real.numel() == 0:  # an empty FSDP shard (more dp_shard ranks than rows)
         return
-    out.tensors[key] = local.narrow(spec.dim, 0, length)
-    offsets = [0] * local.ndim
-    offsets[spec.dim] = start
-    size = list(local.shape)
-    size[spec.dim] = spec.full
+    out.tensors[key] = real
     out.chunks[key] = Chunk(tuple(offsets), tuple(size))
 
 

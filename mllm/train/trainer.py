@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from mllm.train import state as ckpt_state
-from mllm.train.batches import BatchSource, MicroBatchStats, micro_batch_stats, model_inputs
+from mllm.train.batches import BatchSource, MicroBatchStats, PixelFeeder, micro_batch_stats, model_inputs
 from mllm.train.checkpoint import (
     CheckpointManager,
     latest_checkpoint,
@@ -61,7 +61,13 @@ class Trainer:
         self.run_dir = Path(run.train.run_dir)
         seed_everything(rank_seed(run.train.seed, self.mesh.dp_rank, self.mesh.pp_rank))
         self.pm: ParallelModel = parallelize(
-            run.model, run.parallel, self.mesh, self.device, load_initial_state(run), run.train.seed
+            run.model,
+            run.parallel,
+            self.mesh,
+            self.device,
+            load_initial_state(run),
+            run.train.seed,
+            compute_dtype=self.dtype,
         )
         self.pm.train()
         validate_fast_path(run, self.device.type)
@@ -75,8 +81,11 @@ class Trainer:
             self.optimizer = build_adamw(groups, run.optim)
         ckpt_state.init_optimizer_state(self.optimizer)
         self.config_files = checkpoint_config_files(run)
-        self.schedule = LRSchedule(run.optim, run.train.steps)
         self.batches = make_batches(run, self.mesh)
+        if run.train.epochs is not None:  # the data as it will be packed decides the schedule's length
+            run.train.steps = self.batches.count_steps()
+        self.schedule = LRSchedule(run.optim, run.train.steps)
+        self.pixels = PixelFeeder(self.device, run.train.pixels_ahead, runs_vision=0 in self.pm.stage_ids)
         self.grad_accum = run.train.global_batch_size // (run.data.micro_batch_size * self.mesh.dp)
         self.ckpt = CheckpointManager(
             run.checkpoint.dir or self.run_dir / "checkpoints",
@@ -102,7 +111,10 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def layout(self) -> dict[str, int]:
-        return {"tp": self.mesh.tp, "pp": self.mesh.pp, "dp": self.mesh.dp, "world": self.world}
+        layout = {"tp": self.mesh.tp, "pp": self.mesh.pp, "dp": self.mesh.dp, "world": self.world}
+        if self.mesh.dp_shard > 1:
+            layout["dp_shard"] = self.mesh.dp_shard
+        return layout
 
     def save(self) -> Path:
         extra = {
@@ -134,8 +146,8 @@ class Trainer:
 
     def _resume_data(self, path: Path, meta: dict) -> None:
         """Data-loader state from every rank's extra file (this rank's own may not exist after a layout
-        change): sources with ``load_all_states`` resume exactly, or elastically after a dp change; others get
-        this dp rank's state at the same dp size, else the step to restart from."""
+        change): sources with ``load_all_states`` resume exactly under any layout; others get this dp rank's
+        state at the same dp size, else the step to restart from."""
         extras = [torch.load(f, weights_only=False) for f in sorted((path / "extra").glob("rank_*.pt"))]
         load_all = getattr(self.batches, "load_all_states", None)
         if load_all is not None:
@@ -161,15 +173,10 @@ class Trainer:
             run.logging.tensorboard,
             run.logging.progress,
         )
+        if run.train.epochs is not None:
+            logger.message(f"train.epochs={run.train.epochs}: {run.train.steps} optimizer steps")
         if resume_from is not None:
             logger.message(f"resumed from {resume_from} at step {self.step} ({self.mesh.describe()})")
-            summary = getattr(self.batches, "elastic_summary", None)
-            if summary is not None:
-                logger.message(
-                    f"data stream resumed with dp {summary.old_dp} -> {summary.new_dp}: {summary.reread} "
-                    f"samples re-read (they were in packer buffers), {summary.remaining} untrained samples of "
-                    "the interrupted epochs go first"
-                )
         last_loss = float("nan")
         try:
             while self.step < run.train.steps:
@@ -205,7 +212,7 @@ class Trainer:
         lr = self.schedule.apply(self.optimizer, self.step)
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         with autocast, forward_context(self.run, self.fp8_amax_group):
-            result = self.pm.forward_backward([model_inputs(mb) for mb in micro])
+            result = self.pm.forward_backward(self.pixels.wrap([model_inputs(mb) for mb in micro]))
         clip = self.run.optim.grad_clip if self.run.optim.grad_clip > 0 else float("inf")
         grad_norm = float(self.pm.clip_grad_norm_(clip))
         loss = float(result.loss)
@@ -225,10 +232,15 @@ class Trainer:
         self.skipped += 1
         self.consecutive_nonfinite += 1
         k = self.run.train.max_consecutive_nonfinite
-        if self.consecutive_nonfinite < k:
-            return
         ids: list = [None] * self.world
         dist.all_gather_object(ids, stats.sample_ids)
+        if self.rank == 0:  # ids as in samples.jsonl: "<dataset>:<annotation line>"
+            samples = sorted({i for rank_ids in ids for i in rank_ids}, key=str)
+            print(
+                f"step {self.step + 1}: loss {loss} / grad norm {grad_norm} non-finite, skipped; samples {samples}"
+            )
+        if self.consecutive_nonfinite < k:
+            return
         raise NonFiniteError(
             f"step {self.step}: loss {loss} / grad norm {grad_norm} non-finite for {k} consecutive steps "
             f"(train.max_consecutive_nonfinite={k}); this step's micro-batches hold sample ids "
@@ -240,7 +252,13 @@ class Trainer:
     ) -> dict:
         # Counts are summed over data-parallel replicas (tp/pp ranks of one replica see the same batches).
         counts = torch.tensor(
-            [stats.tokens, stats.tiles, stats.samples, self.batches.bad_samples()],
+            [
+                stats.tokens,
+                stats.tiles,
+                stats.samples,
+                self.batches.bad_samples(),
+                self.batches.truncated_samples(),
+            ],
             dtype=torch.float64,
             device=self.device,
         )
@@ -253,7 +271,7 @@ class Trainer:
         if self.mesh.dp > 1:
             dist.all_reduce(flops, group=self.mesh.dp_group)
         tflops = float(flops.item()) / max(step_time, 1e-9) / self.world / 1e12
-        tokens, tiles, samples, bad = (int(x) for x in counts.tolist())
+        tokens, tiles, samples, bad, truncated = (int(x) for x in counts.tolist())
         return {
             "step": self.step,
             "loss": loss,
@@ -263,6 +281,7 @@ class Trainer:
             "tiles": tiles,
             "samples": samples,
             "bad_samples": bad,
+            "truncated_samples": truncated,
             "skipped_steps": self.skipped,
             "step_time": step_time,
             "tokens_per_s": tokens / max(step_time, 1e-9),

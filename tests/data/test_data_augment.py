@@ -20,7 +20,7 @@ from mllm.data.pipeline import SampleProcessor
 from mllm.data.shards import prepare
 from mllm.data.sources import open_sources
 
-SEED, RANK = 7, 1
+SEED = 7
 
 
 # ---- reference: InternVL's simulate_jpeg_degradation, written out plainly ----------------------------------
@@ -63,7 +63,7 @@ def reference_tiles(synth_dir, record: dict, budget_total: int) -> list[list[Ima
 def processed_samples(cfg, meta, dataset: str, limit: int):
     """(position, raw record, tiles from stage 2) for the first samples of one dataset."""
     sources = open_sources(meta)
-    proc = SampleProcessor(cfg, sources, rank=RANK)
+    proc = SampleProcessor(cfg, sources)
     src = next(s for s in sources if s.name == dataset)
     out = []
     for i, (_, raw) in enumerate(src.read_unit(0)):
@@ -85,7 +85,7 @@ def test_augmented_tiles_equal_reference(synth_dir, mixed_meta):
         expected, plain = [], []
         for i, image_tiles in enumerate(reference_tiles(synth_dir, record, 12)):
             for t, tile in enumerate(image_tiles):
-                q = jpeg_quality(SEED, RANK, pos, i, t)
+                q = jpeg_quality(SEED, pos, i, t)
                 expected.append(chw(ref_jpeg_degrade(tile, q)))
                 plain.append(chw(tile))
         assert np.array_equal(tiles, np.stack(expected)), pos
@@ -99,7 +99,7 @@ def test_augmented_fast_decode_stays_close_to_reference(synth_dir, mixed_meta):
     cfg = small_config(mixed_meta, synth_dir.tokenizer, seed=SEED, fast_decode=True)
     for pos, record, tiles in processed_samples(cfg, mixed_meta, "synth_en", 10):
         expected = [
-            chw(ref_jpeg_degrade(tile, jpeg_quality(SEED, RANK, pos, i, t)))
+            chw(ref_jpeg_degrade(tile, jpeg_quality(SEED, pos, i, t)))
             for i, image_tiles in enumerate(reference_tiles(synth_dir, record, 12))
             for t, tile in enumerate(image_tiles)
         ]
@@ -136,7 +136,8 @@ def test_loader_augments_only_flagged_datasets(synth_dir, mixed_meta):
             if key.startswith("synth_en"):
                 saw_en = True
                 assert not torch.equal(pa, pb)
-                assert (pa.int() - pb.int()).abs().float().mean() < 3  # degraded, not replaced
+                # degraded, not replaced: quality 75 moves a synthetic tile by ~3 levels on average
+                assert (pa.int() - pb.int()).abs().float().mean() < 6
             else:
                 saw_zh = True
                 assert torch.equal(pa, pb)
@@ -172,20 +173,20 @@ def test_same_augmented_batches_with_0_or_2_workers_and_on_resume(synth_dir, mix
 
 # ---- (4) qualities vary within 75..100 -------------------------------------------------------------------------
 def test_qualities_are_uniform_over_75_to_100():
-    draws = Counter(jpeg_quality(SEED, RANK, pos, 0, 0) for pos in range(5200))
+    draws = Counter(jpeg_quality(SEED, pos, 0, 0) for pos in range(5200))
     assert set(draws) == set(JPEG_QUALITIES) == set(range(75, 101))
     assert max(draws.values()) < 2 * min(draws.values())  # ~200 each
-    per_tile = {jpeg_quality(SEED, RANK, 5, i, t) for i in range(3) for t in range(13)}
+    per_tile = {jpeg_quality(SEED, 5, i, t) for i in range(3) for t in range(13)}
     assert len(per_tile) > 10  # tiles of one sample draw independently, as in InternVL's per-tile transform
-    other_rank = [jpeg_quality(SEED, 0, pos, 0, 0) for pos in range(200)]
-    assert other_rank != [jpeg_quality(SEED, 1, pos, 0, 0) for pos in range(200)]  # ranks draw apart
+    other_seed = [jpeg_quality(SEED + 1, pos, 0, 0) for pos in range(200)]
+    assert other_seed != [jpeg_quality(SEED, pos, 0, 0) for pos in range(200)]  # seeds draw apart
 
 
 def test_loader_tiles_reveal_varying_qualities(synth_dir, mixed_meta):
     """Pixel level: every loader tile is the reference degraded at a quality in 75..100, and they vary."""
     cfg = small_config(mixed_meta, synth_dir.tokenizer, seed=SEED, fast_decode=False)
     records = {
-        f"synth_en:{i + 1}": json.loads(line)
+        f"synth_en:{i}": json.loads(line)
         for i, line in enumerate((synth_dir.out_dir / "synth_en.jsonl").read_text().splitlines())
     }
     found = []

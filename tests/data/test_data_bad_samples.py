@@ -74,6 +74,26 @@ def test_each_kind_of_bad_sample_is_counted(synth_dir, tmp_path):
     assert all((b.labels != -100).any() for b in batches)
 
 
+def test_truncated_samples_are_kept_and_counted(synth_dir, tmp_path):
+    meta, _, _ = write_bad_dataset(synth_dir, tmp_path, n_good=6)
+    records = [json.loads(x) for x in (tmp_path / "bad.jsonl").read_text().splitlines()[:6]]
+    q = {"from": "human", "value": "<image>\nDescribe it."}
+    records.append(
+        {"image": records[0]["image"], "conversations": [q, {"from": "gpt", "value": "word " * 900}]}
+    )
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    epochs = 2
+    loader = build_loader(
+        small_config(meta, synth_dir.tokenizer, shuffle_buffer=4, pack_buffer=4), epochs=epochs
+    )
+    batches = list(loader)
+    long_key = "mixed:6"  # its 0-based annotation line
+    rows = [(row, b.input_ids[r]) for b in batches for r, row in enumerate(b.sample_ids)]
+    assert sum(row.count(long_key) for row, _ in rows) == epochs  # kept, once per epoch
+    assert all(row == [long_key] and (ids != loader.pad_id).all() for row, ids in rows if long_key in row)
+    assert loader.metrics()["data/truncated"] == epochs and loader.bad_samples.num_bad == 0
+
+
 def test_unreadable_shard_is_counted(synth_dir, tmp_path):
     meta, _, _ = write_bad_dataset(synth_dir, tmp_path / "src")
     out = tmp_path / "shards"
@@ -110,3 +130,28 @@ def test_counter_state_and_check():
     assert d.counts() == {"missing_image": 1, "too_long": 1} and d.num_seen == 5
     with pytest.raises(ValueError):
         c.record_bad("a", "no_such_reason", "k")
+
+
+def test_the_rule_judges_a_window_of_recent_samples():
+    """Reference: the hand-counted fractions. The cumulative fraction (10/56 = 18%) would pass; the last 20
+    samples hold 6 rejections (30% > 25%), so the windowed rule fails, and an early cluster below the limit
+    within its window (4/20) passes."""
+    c = BadSampleCounter(max_bad_fraction=0.25, min_samples=20, window=20)
+    pos = 0
+    for good in [False] * 4 + [True] * 46:
+        if good:
+            c.record_ok("a", pos)
+        else:
+            c.record_bad("a", "too_long", f"a:{pos}", pos=pos)
+        pos += 1
+        c.check()
+    for _ in range(5):
+        c.record_bad("a", "too_long", f"a:{pos}", pos=pos)
+        pos += 1
+    c.check()  # 5/20
+    c.record_ok("a", pos)
+    c.record_bad("a", "corrupt_image", f"a:{pos}", count_seen=False, pos=pos)  # found when decoding
+    assert c.num_seen == 56 and c.num_bad == 10
+    with pytest.raises(DataQualityError, match="6 of its last 20 samples") as e:
+        c.check()
+    assert "\n" not in str(e.value) and "data.bad_window" in str(e.value)

@@ -1,4 +1,4 @@
-"""The loader: batch layout, exact resume, worker-count invariance, dp split, shards == meta JSON."""
+"""The loader: batch layout, exact resume, worker-count invariance, layout-invariant dp split, shards == meta JSON."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from PIL import Image
 
 from mllm.data import IGNORE_INDEX, build_loader
 from mllm.data.pipeline import SampleProcessor
-from mllm.data.sampling import SampleOrder
 from mllm.data.shards import prepare
 from mllm.data.sources import open_sources
 from mllm.data.tiling import tile_image
@@ -43,7 +42,7 @@ def test_batch_layout(synth_dir):
     records = {}
     for name in ("synth_en", "synth_zh", "synth_text"):
         for i, line in enumerate((synth_dir.out_dir / f"{name}.jsonl").read_text().splitlines()):
-            records[f"{name}:{i + 1}"] = json.loads(line)
+            records[f"{name}:{i}"] = json.loads(line)
     ctx_id = loader.processor.conv.context_id
     for batch in take(loader, 4):
         assert batch.input_ids.shape == (2, 512) and batch.labels.dtype == torch.int64
@@ -133,13 +132,14 @@ def test_shards_give_the_same_samples_as_the_meta_json(synth_dir, shards):
             for unit in range(len(src.unit_counts)):
                 for i, (_, raw) in enumerate(src.read_unit(unit)):
                     r = proc.stage1(raw, i)
-                    # shard keys are 0-based line indices, meta JSON keys 1-based line numbers
-                    line = int(r.key.split(":")[1]) - (0 if path == shards else 1)
-                    out[(src.name, line)] = r
+                    out[r.key] = r  # both: "<dataset>:<0-based annotation line>"
         return out
 
     direct, sharded = processed(synth_dir.meta), processed(shards)
-    assert len(direct) == len(sharded) == synth_dir.num_samples
+    # synth_text has repeat_time 0.5: both keep its first half of the lines
+    n_text = len((synth_dir.out_dir / "synth_text.jsonl").read_text().splitlines())
+    assert len(direct) == len(sharded) == synth_dir.num_samples - (n_text - int(n_text * 0.5))
+    assert set(direct) == set(sharded)
     for key, r in direct.items():
         other = sharded[key]
         assert r.reason is None and other.reason is None
@@ -150,33 +150,94 @@ def test_shards_give_the_same_samples_as_the_meta_json(synth_dir, shards):
         )
 
 
-def test_dp_ranks_see_disjoint_samples(synth_dir, shards):
-    seen = []
-    for rank in range(2):
-        loader = build_loader(small_config(shards, synth_dir.tokenizer), dp_rank=rank, dp_size=2)
-        seen.append({k for b in take(loader, 3) for row in b.sample_ids for k in row})
-    assert seen[0] and seen[1] and not seen[0] & seen[1]
-
-
-def test_weighted_mixing_follows_length_times_repeat_time(synth_dir):
-    sources = open_sources(synth_dir.meta)
-    order = SampleOrder(sources, seed=0, rank=0, world=1, shuffle_buffer=50)
-    counts = np.zeros(len(sources))
-    for _ in range(6000):
-        counts[order.next()[1][0]] += 1
-    weights = np.array([s.length * s.repeat_time for s in sources])
-    assert np.allclose(counts / counts.sum(), weights / weights.sum(), atol=0.02)
-    assert [s.repeat_time for s in sources] == [1.0, 1.0, 0.5]
-    assert sources[1].max_dynamic_patch == 6
+def test_dp_ranks_split_the_same_global_batch(synth_dir, shards):
+    """Reference: the dp1 loader's step. At dp2 the two ranks' rows are disjoint and together hold exactly the
+    samples of that step, and last_step_samples names the same global batch."""
+    cfg = small_config(shards, synth_dir.tokenizer)
+    single = build_loader(cfg, rows_per_step=4)
+    reference = [[k for b in take(single, 2) for row in b.sample_ids for k in row] for _ in range(2)]
+    assert single.last_step_samples and sorted(single.last_step_samples) == sorted(reference[1])
+    ranks = [build_loader(cfg, dp_rank=r, dp_size=2, rows_per_step=4) for r in range(2)]
+    for step in range(2):
+        seen = [[k for row in next(loader).sample_ids for k in row] for loader in ranks]
+        assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
+        assert sorted(seen[0] + seen[1]) == sorted(reference[step])
+        assert ranks[0].last_step_samples == ranks[1].last_step_samples
+    # a state saved at dp2 resumes the dp1 loader exactly (and the other way round)
+    resumed = build_loader(cfg, rows_per_step=4, state=ranks[1].state_dict())
+    for a, b in zip(take(resumed, 2), take(single, 2)):
+        assert_same(a, b)
+    back = build_loader(cfg, dp_rank=1, dp_size=2, rows_per_step=4, state=single.state_dict())
+    next(ranks[1])  # step 3, which single has taken too
+    assert [k for row in next(back).sample_ids for k in row] == [
+        k for row in next(ranks[1]).sample_ids for k in row
+    ]
 
 
 def test_state_mismatch_is_a_clear_error(synth_dir):
     state = build_loader(small_config(synth_dir.meta, synth_dir.tokenizer)).state_dict()
-    with pytest.raises(ValueError, match="dp_size"):
-        build_loader(small_config(synth_dir.meta, synth_dir.tokenizer), dp_rank=0, dp_size=2, state=state)
+    with pytest.raises(ValueError, match="seed"):
+        build_loader(small_config(synth_dir.meta, synth_dir.tokenizer, seed=5), state=state)
 
 
 def test_png_bytes_roundtrip_in_shards(shards):
     src = [s for s in open_sources(shards) if s.name == "synth_en"][0]
     _, sample = next(iter(src.read_unit(0)))
     assert sample.record["conversations"] and all(Image.open(io.BytesIO(b)).size for b in sample.images)
+
+
+def test_a_replica_decodes_each_image_once(synth_dir):
+    """Two peers of one replica (threads standing in for tp ranks, a barrier for the all-gather) each decode
+    half of the samples and assemble the same batches as a loader that decodes everything (the reference)."""
+    import threading
+
+    from mllm.data.loader import DecodeSplit
+
+    cfg = small_config(synth_dir.meta, synth_dir.tokenizer)
+    single = build_loader(cfg)
+    single_calls = [0]
+    single_stage2 = single.processor.stage2
+
+    def count_single(item):
+        single_calls[0] += 1
+        return single_stage2(item)
+
+    single.processor.stage2 = count_single
+    reference = take(single, 3)
+    slots: list = [None, None]
+    barrier = threading.Barrier(2)
+
+    def gather_as(index):
+        def gather(mine):
+            slots[index] = mine
+            barrier.wait()
+            out = list(slots)
+            barrier.wait()
+            return out
+
+        return gather
+
+    peers = [build_loader(cfg) for _ in range(2)]
+    calls = [0, 0]
+    for index, loader in enumerate(peers):
+        loader.decode_split = DecodeSplit(index, 2, gather_as(index))
+        stage2 = loader.processor.stage2
+
+        def counted(item, index=index, stage2=stage2):
+            calls[index] += 1
+            return stage2(item)
+
+        loader.processor.stage2 = counted
+    results: list = [None, None]
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, take(peers[i], 3))) for i in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    # together once what the single loader decoded (prefetched micro-batches included), each about half
+    assert calls[0] + calls[1] == single_calls[0] and abs(calls[0] - calls[1]) <= 5
+    for batches in results:
+        for a, b in zip(reference, batches):
+            assert_same(a, b)

@@ -94,3 +94,12 @@ def test_build_batch_hand_computed():
     assert batch.pixel_values.shape == (2, 3, 2, 2) and batch.image_flags.tolist() == [1, 1]
     assert batch.num_samples == 2 and batch.num_tiles == 2 and batch.num_loss_tokens == 3
     assert batch.sample_tokens == [[3, 2]] and batch.to("cpu").input_ids.dtype == torch.int64
+
+
+def test_assign_rows_deals_equal_counts_largest_first():
+    """Hand-computed: largest row to the least loaded rank with room, each rank's rows in step order."""
+    from mllm.data.packing import assign_rows
+
+    assert assign_rows([5, 1, 4, 2, 3, 3], 2) == [[0, 1, 5], [2, 3, 4]]  # loads 9 and 9
+    assert assign_rows([10, 1, 1, 1], 2) == [[0, 3], [1, 2]]  # equal counts beat equal loads
+    assert assign_rows([2, 7, 1], 1) == [[0, 1, 2]]

@@ -129,7 +129,7 @@ def test_prepare_to_s3_then_train_from_s3_shards(remote_data, s3_env, tmp_path, 
     cmd = [
         sys.executable, "-m", "mllm.train", "--config-name=tiny_sft", f"data.path={shards}",
         f"data.tokenizer={local.tokenizer}", "train.steps=2", f"train.run_dir={run_dir}", "checkpoint.every=0",
-        "checkpoint.save_final=false", "logging.progress=off",
+        "checkpoint.save_final=false", "logging.progress=off", "data.min_num_frame=2", "data.max_num_frame=3",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run(cmd, cwd=ROOT, env={**env, **s3_env}, capture_output=True, text=True, timeout=300)

@@ -27,6 +27,16 @@ class _ExtraState(nn.Module):
         pass
 
 
+class FP8GlobalStateManager:
+    """TE's FP8 state (``transformer_engine.pytorch.fp8``); tests flip ``FP8_ENABLED`` to mimic ``autocast``."""
+
+    FP8_ENABLED = False
+
+    @classmethod
+    def is_fp8_enabled(cls) -> bool:
+        return cls.FP8_ENABLED
+
+
 class Linear(_ExtraState):
     def __init__(self, in_features, out_features, bias=True, parallel_mode=None, tp_group=None, tp_size=1,
                  sequence_parallel=False, device="cuda", **kwargs):  # fmt: skip
@@ -42,7 +52,19 @@ class Linear(_ExtraState):
         self.bias = nn.Parameter(torch.zeros(bias_size, device=device)) if bias else None
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
+        if FP8GlobalStateManager.FP8_ENABLED and (x.numel() // x.shape[-1]) % 16:
+            # TE's own check: FP8 GEMMs need the flattened row count divisible by 8/16.
+            raise AssertionError(
+                f"FP8 execution requires rows divisible by 16, got {x.numel() // x.shape[-1]}"
+            )
+        y = F.linear(x, self.weight, self.bias)
+        # Sequence parallelism in one process, standing for tp ranks with identical inputs (no bias in row mode):
+        # column = all-gather of the rows along dim 0, row = reduce-scatter (rank 0's chunk of the sum).
+        if self.sequence_parallel and self.parallel_mode == "column":
+            y = torch.cat([y] * self.tp_size)
+        elif self.sequence_parallel and self.parallel_mode == "row":
+            y = self.tp_size * y.reshape(self.tp_size, -1, *y.shape[1:])[0]
+        return y
 
 
 class LayerNormMLP(_ExtraState):
@@ -64,7 +86,7 @@ class LayerNormMLP(_ExtraState):
         return F.linear(F.silu(gate) * up, self.fc2_weight)  # TE's swiglu: silu(first half) * second half
 
 
-class DotProductAttention(nn.Module):
+class DotProductAttention(_ExtraState):
     def __init__(self, num_attention_heads, kv_channels, num_gqa_groups=None, attention_dropout=0.0,
                  qkv_format="sbhd", attn_mask_type="causal", softmax_scale=None, **kwargs):  # fmt: skip
         super().__init__()
@@ -91,6 +113,7 @@ def install(monkeypatch) -> types.ModuleType:
         LayerNormMLP,
         DotProductAttention,
     )
+    pytorch.fp8 = types.SimpleNamespace(FP8GlobalStateManager=FP8GlobalStateManager)
     root.pytorch = pytorch
     monkeypatch.setitem(__import__("sys").modules, "transformer_engine", root)
     monkeypatch.setitem(__import__("sys").modules, "transformer_engine.pytorch", pytorch)

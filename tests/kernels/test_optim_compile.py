@@ -61,3 +61,23 @@ def test_compile_blocks_keeps_names_and_outputs() -> None:
         ref = eager(ids, pixel_values=pixels, segment_ids=seg).logits
         out = compiled(ids, pixel_values=pixels, segment_ids=seg).logits
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_vit_blocks_see_one_dtype_and_compile_once_under_autocast() -> None:
+    """Under bf16 autocast the ViT residual stream stays in the parameters' dtype (fp32), so both blocks get
+    the same input dtype and share one graph (before: bf16 into block 0, fp32 after its layer scale)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = build_model(tiny())
+    seen = []
+    for block in model.vision.layers:
+        block.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(model.vision, backend="eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.vision(torch.randn(2, 3, 56, 56)).float().sum().backward()
+    assert seen == [torch.float32, torch.float32]
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()

@@ -19,7 +19,8 @@ from mllm.kernels.fp8 import FP8Config
 from mllm.model import build_model
 from mllm.model.config import tiny
 from mllm.model.internvl import InternVLModel
-from parallel.layers import TorchLayerBackend, TPInfo, get_layer_backend
+from parallel.backends import get_layer_backend
+from parallel.layers import TorchLayerBackend, TPInfo
 from parallel.tensor_parallel import parallelize_model_tp
 
 
@@ -106,3 +107,73 @@ def test_torch_checkpoint_loads_into_te_model_and_gives_same_logits(fake_te, fus
         ref = reference(ids, pixel_values=pixels, segment_ids=seg).logits
         out = model(ids, pixel_values=pixels, segment_ids=seg).logits
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fp8_rows_are_padded_and_attention_kernels_are_submodules(fake_te, monkeypatch) -> None:
+    """Fake TE (torch math) with its FP8 row check on: 17-token ViT tiles and 44-token rows go through padded,
+    with unchanged logits; the lazily created attention kernels are real submodules that stay out of state
+    dicts."""
+    torch.manual_seed(0)
+    cfg = tiny()
+    reference = build_model(cfg).eval()
+    model = InternVLModel(cfg)
+    parallelize_model_tp(model, cfg, TPInfo(), te_backend.TELayerBackend(), sequence_parallel=False)
+    model.load_state_dict(reference.state_dict(), strict=True)
+    model.eval()
+    monkeypatch.setattr(fake_te.fp8.FP8GlobalStateManager, "FP8_ENABLED", True)
+    with pytest.raises(AssertionError, match="divisible by 16"):  # the fake's check is real
+        fake_te.Linear(8, 8, device="cpu")(torch.randn(17, 8))
+    seg = torch.tensor([[1] * 30 + [2] * 10 + [0] * 4])
+    ids = torch.randint(0, 900, seg.shape)
+    ids[0, 2 : 2 + cfg.num_image_token] = cfg.image_token_id
+    pixels = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        ref = reference(ids, pixel_values=pixels, segment_ids=seg).logits
+        out = model(ids, pixel_values=pixels, segment_ids=seg).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+    kernels = [m for m in model.modules() if isinstance(m, fake_te.DotProductAttention)]
+    assert len(kernels) == cfg.vision.num_layers + cfg.text.num_layers  # one per layer: bshd ViT, thd LLM
+    assert not any(k.training for k in kernels)
+    model.train()
+    assert all(k.training for k in kernels)
+    assert list(model.state_dict()) == list(reference.state_dict())
+    model.load_state_dict(reference.state_dict(), strict=True)
+
+
+def test_sequence_parallel_padding_pads_each_ranks_chunk() -> None:
+    x = torch.arange(2 * 3 * 4, dtype=torch.float32).view(6, 4)  # 2 rank chunks of 3 rows
+    padded, m = te_backend._pad_chunks(x, 2, 8)
+    assert m == 3 and padded.shape == (16, 4)
+    torch.testing.assert_close(padded[:3], x[:3])
+    torch.testing.assert_close(padded[8:11], x[3:])
+    assert not padded[3:8].any() and not padded[11:].any()
+    torch.testing.assert_close(te_backend._unpad_chunks(padded, 2, m), x)
+
+
+def test_layer_backends_are_looked_up_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    import parallel.backends as backends
+
+    monkeypatch.setattr(backends, "_REGISTERED", {})
+    backends.register_layer_backend("mine", TorchLayerBackend)
+    assert isinstance(get_layer_backend("mine"), TorchLayerBackend)
+    assert isinstance(get_layer_backend("torch"), TorchLayerBackend)
+    with pytest.raises(ValueError, match=r"'nope' is unknown; available: \['mine', 'te', 'torch'\]"):
+        get_layer_backend("nope")
+
+
+def test_fp8_padding_under_sequence_parallelism_keeps_each_ranks_rows(fake_te, monkeypatch) -> None:
+    """Fake TE whose SP linears gather / reduce-scatter identical ranks in one process, FP8 row check on:
+    9 local rows (not a multiple of 16) come out in our [batch, seq] order, padding removed per rank chunk."""
+    monkeypatch.setattr(fake_te.fp8.FP8GlobalStateManager, "FP8_ENABLED", True)
+    tp = TPInfo(size=2, rank=0, group=None)
+    column = te_backend.te_linear("column", 8, 32, bias=False, tp=tp, sequence_parallel=True)
+    row = te_backend.te_linear("row", 32, 8, bias=False, tp=tp, sequence_parallel=True)
+    for linear in (column, row):
+        torch.nn.init.normal_(linear.weight)
+    x = torch.randn(1, 9, 8)  # this rank's sequence chunk
+    local = torch.nn.functional.linear(x, column.weight)
+    torch.testing.assert_close(column(x), torch.cat([local, local], dim=1))  # [1, 18, 16]: the full sequence
+    h = torch.randn(1, 18, 16)
+    # rank 0 receives the sum over the 2 (identical) ranks of its own sequence chunk
+    torch.testing.assert_close(row(h), 2 * torch.nn.functional.linear(h[:, :9], row.weight))

@@ -10,17 +10,39 @@ import torch
 
 from mllm.model.config import tiny
 from mllm.model.internvl import build_model
+from mllm.model.lora import LoraConfig, freeze_adapted_parts, is_adapter_name
 from mllm.model.loss import IGNORE_INDEX, reference_loss
 from parallel import ParallelConfig, build_mesh, build_optimizer, parallelize
 from parallel.build import is_frozen_name
+from parallel.fsdp import full_tp_local, is_sharded
 from parallel.optim import param_groups
 
 SEQ = 16
 
 
-def model_config(vocab_size: int = 1024, vision_heads: int = 3):
+# A tensor whose reference norm is below this is judged by absolute error: gradients that are mathematically
+# zero (k_proj.bias: softmax ignores a shift shared by all keys) come out as ~1e-13 fp32 noise, whose relative
+# error is meaningless. With GRAD_TOL 1e-5 this accepts an absolute error of 1e-11 on such tensors.
+ABS_FLOOR = 1e-6
+
+
+def model_config(
+    vocab_size: int = 1024,
+    vision_heads: int = 3,
+    vision_style: str = "6b",
+    text_arch: str = "internlm2",
+    lora: dict | None = None,
+):
+    """tiny(): 6B-style ViT (RMSNorm, QK-norm) or 300M-style ("300m": LayerNorm, qkv bias, no QK-norm);
+    InternLM2 text or Qwen3 ("qwen3": per-head q/k norms, head_dim 24 apart from 64 / 4 heads); LoRA."""
     cfg = tiny(vocab_size=vocab_size)
     cfg.vision.num_heads = vision_heads
+    if vision_style == "300m":
+        cfg.vision.norm_type, cfg.vision.qkv_bias, cfg.vision.qk_norm = "layer_norm", True, False
+    if text_arch == "qwen3":
+        cfg.text.arch, cfg.text.qk_norm, cfg.text.head_dim = "qwen3", True, 24
+    if lora:
+        cfg.lora = LoraConfig(**lora)
     return cfg
 
 
@@ -81,13 +103,18 @@ def reference(cfg, pcfg: ParallelConfig, micro_batches, seed: int = 0):
     model = build_model(cfg)
     for name, p in model.named_parameters():
         p.requires_grad_(not is_frozen_name(name, pcfg))
+    freeze_adapted_parts(model, cfg.lora)
+    with torch.no_grad():  # a fresh adapter has B = 0 (A's gradient would be 0): make both matter
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0.0, 0.05)
     return model
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    denom = b.float().norm()
+    """||a - b|| / max(||b||, ABS_FLOOR)."""
     diff = (a.float() - b.float()).norm()
-    return float(diff / denom) if denom > 0 else float(diff)
+    return float(diff / max(float(b.float().norm()), ABS_FLOOR))
 
 
 def compare_grads(rank: int, world: int, cfg_kwargs: dict, pcfg_kwargs: dict, n_micro: int = 2) -> dict:
@@ -118,6 +145,7 @@ def compare_grads(rank: int, world: int, cfg_kwargs: dict, pcfg_kwargs: dict, n_
         "extra": sorted(set(grads) - set(ref_grads)),
         "frozen_with_grad": frozen_with_grad,
         "num_grads": len(errs),
+        "fsdp_params": sum(is_sharded(p) for _, p in pm.named_parameters()),
         "top": [(n, round(e, 3)) for n, e in errs.items() if e > 1e-5],
         "num_tokens": result.num_tokens,
         "llm_seq_per_rank": seen_seq[0],
@@ -156,6 +184,8 @@ def compare_adamw(rank: int, world: int, cfg_kwargs: dict, pcfg_kwargs: dict, st
     diffs = {n: float((full[n] - ref_sd[n]).abs().max()) for n in full}
     dummy_max = _dummy_head_max(pm)
     return {
+        "changed": sorted(n for n in full if not torch.equal(full[n], init[n])),
+        "num_adapters": sum(is_adapter_name(n) for n in full),
         "update_rel_err": max(update_errs.values()),
         "worst_update": max(update_errs, key=update_errs.get),
         "param_max_abs_err": max(diffs.values()),
@@ -175,7 +205,7 @@ def _dummy_head_max(pm) -> float:
         mask = spec.real_mask(pm.tp) if spec is not None else None
         if mask is None:
             continue
-        pad = p.detach().index_select(spec.dim, (~mask).nonzero().flatten())
+        pad = full_tp_local(p.detach()).index_select(spec.dim, (~mask).nonzero().flatten())
         if pad.numel():
             worst = max(worst, float(pad.abs().max()))
     return worst

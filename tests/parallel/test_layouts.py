@@ -1,5 +1,6 @@
-"""Every layout computes what one device computes: loss and all gradients (relative <= 1e-5, fp32), and three
-AdamW steps with global-norm clipping (<= 1e-4), on CPU with gloo over 2 and 4 ranks.
+"""Every layout computes what one device computes: loss and all gradients (relative <= 1e-5 fp32, with an
+absolute floor for near-zero tensors: ``cases.ABS_FLOOR``), and three AdamW steps with global-norm clipping
+(<= 1e-4), on CPU with gloo over 2 and 4 ranks; also Qwen3 text, a 300M-style ViT and LoRA adapters.
 
 All layouts of one world size run in one spawn (one process group, a fresh mesh per layout) to keep the
 suite fast; each test then checks its own layout's result. The batch always packs an image sample with a
@@ -21,6 +22,9 @@ from launcher import run_on_ranks  # noqa: E402
 GRAD_TOL, ADAMW_TOL = 1e-5, 1e-4
 UNEVEN = {"vocab_size": 1021, "vision_heads": 3}  # 3 ViT heads at tp 2 -> one dummy head; padded vocabulary
 EVEN = {"vision_heads": 4}
+VIT_300M = {"vision_heads": 4, "vision_style": "300m"}  # LayerNorm, qkv bias (k_proj.bias grads are ~0)
+QWEN3 = {"vision_heads": 4, "text_arch": "qwen3"}  # per-head q/k norms, head_dim apart from the width
+LORA = {"lora": {"vision": 4, "llm": 4, "dropout": 0.0}}  # dropout off: exact comparison
 
 CASES_2 = [
     ("tp2_uneven_heads", "grads", UNEVEN, {"tp": 2}),
@@ -47,6 +51,13 @@ CASES_2 = [
             "activation_checkpointing_llm": True,
         },
     ),
+    ("tp2_sp_vit300m", "grads", VIT_300M, {"tp": 2, "sequence_parallel": True}),
+    ("tp2_sp_qwen3", "grads", QWEN3, {"tp": 2, "sequence_parallel": True}),
+    ("lora_tp2_uneven", "grads", {**UNEVEN, **LORA}, {"tp": 2}),
+    ("lora_tp2_sp_qwen3", "grads", {**QWEN3, **LORA}, {"tp": 2, "sequence_parallel": True}),
+    ("lora_pp2", "grads", LORA, {"pp": 2}),
+    ("lora_dp2", "grads", LORA, {}),
+    ("adamw_lora_tp2", "adamw", {**UNEVEN, **LORA}, {"tp": 2}),
     ("adamw_tp2_uneven", "adamw", UNEVEN, {"tp": 2}),
     ("adamw_dp2_sharded", "adamw", {}, {"shard_optimizer": True}),
 ]
@@ -126,6 +137,21 @@ def test_frozen_parts_have_no_gradients(results_2) -> None:
 @pytest.mark.parametrize("name", [c[0] for c in CASES_2 if c[1] == "adamw"])
 def test_two_ranks_adamw_matches_single_device(results_2, name) -> None:
     _check_adamw(results_2[name])
+
+
+def test_lora_trains_only_adapters(results_2) -> None:
+    """With lora.vision and lora.llm every base weight of ViT and LLM is frozen (only the projector and the
+    adapters get gradients), and after three AdamW steps exactly the adapters and the projector moved."""
+    grads = results_2["lora_dp2"]
+    assert not isinstance(grads, str), grads
+    # 6 ViT + 7 LLM linears per layer, 2 ViT and 4 LLM layers, A and B each; projector 6 tensors.
+    adapters = 2 * (6 * 2 + 7 * 4)
+    assert grads["num_grads"] == adapters + 6, grads
+    steps = results_2["adamw_lora_tp2"]
+    assert not isinstance(steps, str), steps
+    assert steps["num_adapters"] == adapters
+    assert all(".lora_" in n or n.startswith("projector.") for n in steps["changed"]), steps["changed"]
+    assert len(steps["changed"]) == adapters + 6, steps["changed"]
 
 
 def test_sharded_optimizer_is_zero(results_2) -> None:

@@ -28,11 +28,15 @@ WORLD2 = [
     ("reshard", "test_sharded_checkpoint:tp2_checkpoint_into_other_layouts", ()),
     ("export", "test_export:train_tp2_for_export", ()),
     ("fp8", "test_fast_path:fp8_vs_fp32", ()),
-    ("elastic_data", "test_elastic_data:dp2_then_dp1", ()),
+    ("layout_invariance", "test_layout_invariance:on_two_ranks", ()),
+    ("lora_export", "test_lora_export:train_lora_tp2", ()),
+    ("family_twins", "test_family_twins:import_train_one_step", ()),
+    ("fsdp_resume", "test_fsdp_train:dp_shard_resume", ()),
 ]
 WORLD4 = [
     ("tp2xpp2", "test_resume:straight_vs_resumed", (["parallel.tp=2", "parallel.pp=2"],)),
     ("zero_tp2xdp2", "test_resume:straight_run", (["parallel.tp=2", "parallel.shard_optimizer=true"],)),
+    ("invariance_tp2xpp2", "test_layout_invariance:steps_at", (["parallel.tp=2", "parallel.pp=2"],)),
 ]
 
 

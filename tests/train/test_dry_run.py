@@ -47,3 +47,14 @@ def test_bf16_halves_the_layer_values_but_not_the_fp32_residual_inputs():
     llm = 4 * 256 * 64 / 2 * 2 + 256 * 64 * 17  # inputs stay 4 bytes, the full layer is bf16
     vit = 4 * 204 * 48 * 2 + 204 * 48 * 22  # ViT inputs not divided by tp
     assert rank_memory(run, 4, 0)["activations"] == 2 * (llm + vit)
+
+
+def test_a_frozen_vit_keeps_only_one_layers_forward_activations():
+    """No trainable ViT weight (and no ViT LoRA): autograd saves nothing in the ViT; one layer's working set
+    (204 tokens x 48 x 22 fp32 values, not checkpointed) is live during its forward, once, not per micro-batch."""
+    run = load_run_config("tiny_sft", BASE + ["parallel.pp_schedule=1f1b", "parallel.freeze_vision=true"])
+    assert rank_memory(run, 4, 0)["activations"] == 2 * LLM_STAGE + 204 * 48 * 22 * 2
+    lora = load_run_config("tiny_sft", BASE + ["parallel.freeze_vision=true", "lora.vision=4"])
+    assert rank_memory(lora, 4, 0)["activations"] == 2 * (
+        LLM_STAGE + VIT
+    )  # ViT adapters need its activations

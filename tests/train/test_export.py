@@ -19,8 +19,8 @@ from scenarios import make_trainer, portable, restored, scenario_result
 import mllm.hf
 from mllm.convert import core
 from mllm.convert.__main__ import main as convert_main
+from mllm.convert.trainer_checkpoint import MODEL_CONFIG_FILE, RUN_CONFIG_FILE, read_model_config
 from mllm.demo_hf import our_logits, transformers_logits
-from mllm.train.export import MODEL_CONFIG_FILE, RUN_CONFIG_FILE, read_model_config
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mllm.model.config import PRESETS
-from mllm.train.flops import TrainedParts, mfu, step_flops
+from mllm.train.flops import TrainedParts, mfu, peak_tflops_for, step_flops
 
 CFG_26B = PRESETS["internvl_chat_v1_5"]()
 
@@ -77,3 +77,20 @@ def test_projector_and_mfu():
     assert got == 3 * 256 * (2 * 12800 * 6144 + 2 * 6144 * 6144)
     assert mfu(989e12 * 8 * 0.5, 1.0, 8, 989.0) == pytest.approx(0.5)
     assert mfu(1.0, 0.0, 8, 989.0) == 0.0
+
+
+def test_causal_triangle_counts_only_the_computed_pairs():
+    t = CFG_26B.text
+    square = step_flops(CFG_26B, [(2048, 0)]).llm
+    triangle = step_flops(CFG_26B, [(2048, 0)], causal_triangle=True).llm
+    # Hand count: 3x fwd * 4 * q_width * L * (s^2 - s(s+1)/2) attention FLOPs fewer; ViT attention unchanged.
+    q_width = t.num_heads * t.resolved_head_dim
+    assert square - triangle == 3 * 4 * q_width * t.num_layers * (2048**2 - 2048 * 2049 // 2)
+    with_tile = step_flops(CFG_26B, [(2048, 1)], causal_triangle=True)
+    assert with_tile.vision == step_flops(CFG_26B, [(2048, 1)]).vision
+
+
+def test_peak_of_the_pcie_h100_is_not_the_sxm_one():
+    assert peak_tflops_for("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops_for("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops_for("NVIDIA H200") == 989.0

@@ -114,7 +114,7 @@ def test_each_rank_writes_its_own_unpadded_shards_once(world2):
 
 
 def make_cfg(ckpt: Path):
-    from mllm.train.export import read_model_config
+    from mllm.convert.trainer_checkpoint import read_model_config
 
     return read_model_config(ckpt)
 
