@@ -1,9 +1,10 @@
-"""Packing benchmark: fill and dp balance of the FLOP-balanced packer vs naive padding and greedy first-fit.
+"""Packing benchmark: fill and dp balance of the FLOP-balanced packer vs naive padding and greedy first-fit,
+and of the tile-balanced packer (``tiles_per_row=-1``), with the coefficient of variation of tiles per row.
 
 Synthetic SFT-like mix (tiles 1..12 with thumbnail, text 30..4000 tokens, some text-only and multi-image
 samples), rows of 8192 tokens packed from one global stream (as the loader does); a step is the next 8 rows, one
-per dp rank: dealt by FLOPs (`assign_rows`) for our packer, in order for the baselines.
-Prints a table and a final JSON line with `fill`, `dp_imbalance` and the packer's samples/s.
+per dp rank: dealt by FLOPs (`assign_rows`) for our packers, in order for the baselines.
+Prints a table and a final JSON line with `fill`, `dp_imbalance`, `tiles_cv` and the packer's samples/s.
 
     .venv/bin/python bench/packing.py [--samples-per-rank 3000]
 """
@@ -40,7 +41,14 @@ def image_tiles(rng: np.random.Generator, budget: int) -> int:
     return num_tiles(select_grid(w, max(h, 1), 1, budget), True)
 
 
-def make_stream(seed: int, n: int) -> list[tuple[int, int]]:
+def make_stream(
+    seed: int,
+    n: int,
+    seq: int = SEQ,
+    max_tiles_row: int = MAX_TILES_ROW,
+    img_tokens: int = IMG_TOKENS,
+    max_patch: int = 12,
+) -> list[tuple[int, int]]:
     """(tokens, tiles) of an SFT-like mix; samples longer than a row are dropped (the loader rejects them)."""
     rng = np.random.default_rng(seed)
     out = []
@@ -48,9 +56,9 @@ def make_stream(seed: int, n: int) -> list[tuple[int, int]]:
         text = int(np.exp(rng.uniform(np.log(30), np.log(4000))))
         kind = rng.random()
         n_img = 0 if kind < 0.15 else (int(rng.integers(2, 5)) if kind < 0.25 else 1)
-        tiles = [image_tiles(rng, per_image_max_tiles(12, n_img)) for _ in range(n_img)]
-        tokens = text + sum(IMG_TOKENS * t + 2 for t in tiles)
-        if tokens <= SEQ and sum(tiles) <= MAX_TILES_ROW:
+        tiles = [image_tiles(rng, per_image_max_tiles(max_patch, n_img)) for _ in range(n_img)]
+        tokens = text + sum(img_tokens * t + 2 for t in tiles)
+        if tokens <= seq and sum(tiles) <= max_tiles_row:
             out.append((tokens, sum(tiles)))
     return out
 
@@ -77,8 +85,10 @@ def first_fit_rows(stream: list[tuple[int, int]], window: int = 32) -> list[list
     return rows
 
 
-def balanced_rows(stream: list[tuple[int, int]], flops: FlopModel, buffer: int = 256) -> list[list[int]]:
-    packer = Packer(SEQ, MAX_TILES_ROW, flops, buffer_size=buffer)
+def balanced_rows(
+    stream: list[tuple[int, int]], flops: FlopModel, buffer: int = 256, tiles_per_row: int = 0
+) -> list[list[int]]:
+    packer = Packer(SEQ, MAX_TILES_ROW, flops, buffer_size=buffer, tiles_per_row=tiles_per_row)
     rows = []
     for i, (tok, til) in enumerate(stream):
         packer.add(i, tok, til)
@@ -90,7 +100,7 @@ def balanced_rows(stream: list[tuple[int, int]], flops: FlopModel, buffer: int =
 def evaluate(stream, rows, flops: FlopModel, deal: bool) -> dict:
     steps = len(rows) // RANKS
     fill_num = fill_den = 0
-    ratios = []
+    ratios, row_tiles = [], []
     for s in range(steps):
         step_rows = rows[s * RANKS : (s + 1) * RANKS]
         row_flops = []
@@ -100,10 +110,17 @@ def evaluate(stream, rows, flops: FlopModel, deal: bool) -> dict:
             fill_num += int(tok.sum())
             fill_den += SEQ
             row_flops.append(float(np.sum(flops.sample(tok, til))))
+            row_tiles.append(int(til.sum()))
         order = assign_rows(row_flops, RANKS) if deal else [[r] for r in range(RANKS)]
         step_flops = [sum(row_flops[i] for i in mine) for mine in order]
         ratios.append(max(step_flops) / np.mean(step_flops))
-    return {"fill": fill_num / fill_den, "dp_imbalance": float(np.mean(ratios)), "steps": steps}
+    cv = float(np.std(row_tiles) / np.mean(row_tiles))
+    return {
+        "fill": fill_num / fill_den,
+        "dp_imbalance": float(np.mean(ratios)),
+        "steps": steps,
+        "tiles_cv": cv,
+    }
 
 
 def main() -> None:
@@ -118,18 +135,21 @@ def main() -> None:
         ("naive padding", naive_rows),
         ("greedy first-fit", first_fit_rows),
         ("flop-balanced", lambda s: balanced_rows(s, flops, args.buffer)),
+        ("tile-balanced", lambda s: balanced_rows(s, flops, args.buffer, tiles_per_row=-1)),
     ):
         t0 = time.perf_counter()
         rows = fn(stream)
         dt = time.perf_counter() - t0
-        res = evaluate(stream, rows, flops, deal=name == "flop-balanced")
+        res = evaluate(stream, rows, flops, deal=name in ("flop-balanced", "tile-balanced"))
         res["samples_per_s"] = len(stream) / dt
         results[name] = res
-    print(f"{'packer':<18} {'fill':>7} {'dp_imbalance':>13} {'steps':>6} {'samples/s':>10}")
+    print(f"{'packer':<18} {'fill':>7} {'dp_imbalance':>13} {'tiles_cv':>9} {'steps':>6} {'samples/s':>10}")
     for name, r in results.items():
         print(
-            f"{name:<18} {r['fill']:7.4f} {r['dp_imbalance']:13.4f} {r['steps']:6d} {r['samples_per_s']:10.0f}"
+            f"{name:<18} {r['fill']:7.4f} {r['dp_imbalance']:13.4f} {r['tiles_cv']:9.4f} {r['steps']:6d} "
+            f"{r['samples_per_s']:10.0f}"
         )
+    tiled = results["tile-balanced"]
     ours = results["flop-balanced"]
     print(
         json.dumps(
@@ -137,6 +157,10 @@ def main() -> None:
                 "fill": round(ours["fill"], 4),
                 "dp_imbalance": round(ours["dp_imbalance"], 4),
                 "samples_per_s": round(ours["samples_per_s"]),
+                "tiles_cv": round(ours["tiles_cv"], 4),
+                "tile_balanced_fill": round(tiled["fill"], 4),
+                "tile_balanced_dp_imbalance": round(tiled["dp_imbalance"], 4),
+                "tile_balanced_tiles_cv": round(tiled["tiles_cv"], 4),
                 "first_fit_fill": round(results["greedy first-fit"]["fill"], 4),
                 "first_fit_dp_imbalance": round(results["greedy first-fit"]["dp_imbalance"], 4),
                 "naive_fill": round(results["naive padding"]["fill"], 4),

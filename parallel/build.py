@@ -16,8 +16,9 @@ from parallel.config import ParallelConfig
 from parallel.layers import TPInfo
 from parallel.lora import parallelize_lora
 from parallel.mesh import ParallelMesh
-from parallel.pipeline import resolve_layers_per_stage, stage_layer_indices, stages_of_pp_rank
+from parallel.pipeline import resolve_split, stage_layer_indices, stages_of_pp_rank
 from parallel.shard import ShardSpec, shard_full_tensor
+from parallel.stage_split import Split
 from parallel.tensor_parallel import parallelize_model_tp
 
 
@@ -28,6 +29,8 @@ class RankSkeleton:
     module: InternVLModel
     stage_ids: list[int]
     stage_layers: list[list[int]]
+    stage_vision_layers: list[list[int]]  # ViT layer indices each of this rank's stages runs
+    projector_stage: int
     specs: dict[str, ShardSpec]
     sp_params: set[str]
     tp: TPInfo
@@ -43,25 +46,58 @@ def build_rank_skeleton(model_cfg: ModelConfig, pcfg: ParallelConfig, mesh: Para
     backend = get_layer_backend(pcfg.layer_backend)
     with torch.device("meta"):
         model = InternVLModel(model_cfg)
-        specs, sp_params = parallelize_model_tp(model, model_cfg, tp, backend, pcfg.sequence_parallel)
+        specs, sp_params = parallelize_model_tp(
+            model, model_cfg, tp, backend, pcfg.sequence_parallel, pcfg.vision_sequence_parallel
+        )
         if model_cfg.lora.enabled:
             lora_specs, lora_partial = parallelize_lora(model, model_cfg.lora, specs)
             specs, sp_params = {**specs, **lora_specs}, sp_params | lora_partial
-    lps = resolve_layers_per_stage(model_cfg, pcfg)
+    split = resolve_split(model_cfg, pcfg)
     stage_ids = stages_of_pp_rank(mesh.pp_rank, pcfg)
-    stage_layers = [stage_layer_indices(lps, s) for s in stage_ids]
+    stage_layers = [stage_layer_indices(list(split.llm_layers), s) for s in stage_ids]
+    stage_vision = [stage_layer_indices(list(split.vision_layers), s) for s in stage_ids]
     owned = sorted(i for layers in stage_layers for i in layers)
     # A ModuleDict keyed by the global index keeps parameter names ("llm.layers.7....") of the full model.
     model.llm.layers = nn.ModuleDict({str(i): model.llm.layers[i] for i in owned})
-    if 0 not in stage_ids:
-        model.vision, model.projector, model.llm.embed_tokens = None, None, None
+    prune_vision(model, split, stage_ids, stage_vision)
+    if split.projector_stage not in stage_ids:
+        model.projector, model.llm.embed_tokens = None, None
     if pcfg.num_stages - 1 not in stage_ids:
         model.llm.norm, model.lm_head = None, None
     apply_freezing(model, pcfg)
     freeze_adapted_parts(model, model_cfg.lora)
     local = {name for name, _ in model.named_parameters()}
     specs = {k: v for k, v in specs.items() if k in local}
-    return RankSkeleton(model, stage_ids, stage_layers, specs, sp_params & local, tp)
+    return RankSkeleton(
+        module=model,
+        stage_ids=stage_ids,
+        stage_layers=stage_layers,
+        stage_vision_layers=stage_vision,
+        projector_stage=split.projector_stage,
+        specs=specs,
+        sp_params=sp_params & local,
+        tp=tp,
+    )
+
+
+def prune_vision(
+    model: InternVLModel, split: Split, stage_ids: list[int], stage_vision: list[list[int]]
+) -> None:
+    """Keep the ViT parts this rank runs. With the ViT on one stage it stays whole (or goes); spread over
+    stages, the layers become a ModuleDict keyed by global index (names stay "vision.layers.7...."), the patch
+    embedding stays with stage 0 and layers past ``select_layer`` (never run) with the projector stage."""
+    vit_stages = {s for s, n in enumerate(split.vision_layers) if n} | {split.projector_stage}
+    if not vit_stages & set(stage_ids):
+        model.vision = None
+        return
+    if len(vit_stages) == 1:
+        return
+    owned = {i for layers in stage_vision for i in layers}
+    if split.projector_stage in stage_ids:
+        owned |= set(range(sum(split.vision_layers), len(model.vision.layers)))
+    model.vision.layers = nn.ModuleDict({str(i): model.vision.layers[i] for i in sorted(owned)})
+    if 0 not in stage_ids:
+        model.vision.embeddings = None
 
 
 def is_frozen_name(name: str, pcfg: ParallelConfig) -> bool:

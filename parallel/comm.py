@@ -146,6 +146,20 @@ class _ScatterToSequenceParallel(torch.autograd.Function):
         return _all_gather(grad, ctx.group, ctx.dim), None, None
 
 
+class _GatherToReplicated(torch.autograd.Function):
+    """Leave an SP region into replicated consumers (the ViT's output into the projector): all-gather forward;
+    backward keeps this rank's chunk, since replicated consumers give every rank the same full gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _all_gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split(grad, ctx.group, ctx.dim), None, None
+
+
 def copy_to_tensor_parallel(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     return x if group_size(group) == 1 else _CopyToTensorParallel.apply(x, group)
 
@@ -170,6 +184,10 @@ def reduce_scatter_to_sequence_parallel(
 
 def scatter_to_sequence_parallel(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
     return x if group_size(group) == 1 else _ScatterToSequenceParallel.apply(x, group, dim)
+
+
+def gather_to_replicated(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
+    return x if group_size(group) == 1 else _GatherToReplicated.apply(x, group, dim)
 
 
 def all_reduce_no_grad(x: torch.Tensor, group: ProcessGroup | None, op=dist.ReduceOp.SUM) -> torch.Tensor:

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 from mllm.model.config import ModelConfig
 
-PP_SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
+PP_SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe", "interleaved_zero_bubble")
+VIRTUAL_SCHEDULES = ("interleaved_1f1b", "interleaved_zero_bubble")
+STAGE_SPLITS = ("llm", "joint")
 LOSS_MODES = ("token", "sample", "square")
 
 
@@ -15,7 +17,13 @@ class ParallelConfig:
     """How the model is split. ``dp`` is derived: world_size // (tp * pp).
 
     layers_per_stage: LLM decoder layers per pipeline stage (pp * virtual_stages entries, in stage order), or
-    None to balance by estimated FLOPs with the vision tower counted on stage 0.
+    None to balance by estimated FLOPs (per pipeline rank: the sum of its virtual stages).
+    vision_layers_per_stage: ViT layers per stage (nonzero on a leading run of stages; the last of them also
+    runs the projector and the token embedding); needs layers_per_stage. None: as stage_split says.
+    stage_split: "llm" keeps the ViT and projector on stage 0 and balances LLM layers; "joint" balances ViT and
+    LLM layers together (``parallel.stage_split.best_stage_split``), the ViT spanning the leading stages when
+    that is better. Balancing assumes micro-batches whose ``balance_image_token_fraction`` of
+    ``balance_seq_len`` tokens are image tokens (tile-balanced packing, ``data.tiles_per_row``, keeps it so).
     shard_optimizer: ZeRO-1, AdamW state partitioned over dp (``torch.distributed.optim.ZeroRedundancyOptimizer``).
     freeze_vit_layers_below: freeze the ViT embeddings and layers with index < k (0 = none).
     loss_mode: "token" (mean over all supervised tokens of the global batch), "sample" (mean of per-sample
@@ -29,6 +37,8 @@ class ParallelConfig:
     gradients and reducing once, after the last micro-batch (less communication, more memory).
     bucket_size_mb: gradient all-reduce bucket size of the dp_shard=1 path, launched during the last
     micro-batch's backward (``parallel.overlap``).
+    frozen_dtype: "fp32" keeps frozen parameters as fp32 like trainable ones; "compute" holds them in the run's
+    compute dtype (bf16 on GPU; ``parallel.frozen``): half the memory, no master copy needed.
     layout / gpu_memory_gib: ``layout=auto`` replaces tp, pp, virtual stages, dp_shard and activation
     checkpointing by the planner's fastest layout that fits ``gpu_memory_gib`` (0: the device's memory).
     """
@@ -40,6 +50,10 @@ class ParallelConfig:
     virtual_stages: int = 1
     layers_per_stage: list[int] | None = None
     balance_image_token_fraction: float = 0.5  # share of LLM tokens that are image tokens, for auto balance
+    balance_seq_len: int = 4096  # tokens per micro-batch assumed by the auto balance (attention term)
+    vision_layers_per_stage: list[int] | None = None
+    stage_split: str = "llm"  # "llm" | "joint"
+    vision_sequence_parallel: bool = False  # ViT tile tokens split over tp between GEMMs (parallel.vision_sp)
     shard_optimizer: bool = False
     activation_checkpointing_vision: bool = False
     activation_checkpointing_llm: bool = False
@@ -57,6 +71,7 @@ class ParallelConfig:
     bucket_size_mb: float = 25.0
     layout: str = "manual"  # "manual" | "auto" (mllm.train.planner)
     gpu_memory_gib: float = 0.0
+    frozen_dtype: str = "fp32"  # "fp32" | "compute" (parallel.frozen)
     extra: dict = field(default_factory=dict)  # free-form knobs for backends (e.g. TE options)
 
     @property
@@ -104,12 +119,13 @@ def validate_layout(model_cfg: ModelConfig, pcfg: ParallelConfig, world_size: in
     )
     _check(pcfg.pp_schedule in PP_SCHEDULES, f"parallel.pp_schedule must be one of {PP_SCHEDULES}")
     _check(pcfg.loss_mode in LOSS_MODES, f"parallel.loss_mode must be one of {LOSS_MODES}")
-    if pcfg.pp_schedule == "interleaved_1f1b":
-        _check(pcfg.virtual_stages >= 2, "parallel.pp_schedule=interleaved_1f1b needs virtual_stages >= 2")
+    if pcfg.pp_schedule in VIRTUAL_SCHEDULES:
+        _check(pcfg.virtual_stages >= 2, f"parallel.pp_schedule={pcfg.pp_schedule} needs virtual_stages >= 2")
     else:
         _check(
             pcfg.virtual_stages == 1,
-            f"parallel.virtual_stages={pcfg.virtual_stages} needs pp_schedule=interleaved_1f1b",
+            f"parallel.virtual_stages={pcfg.virtual_stages} needs pp_schedule=interleaved_1f1b or "
+            "interleaved_zero_bubble",
         )
     _check(
         not (t.tie_word_embeddings and pp > 1),
@@ -131,12 +147,30 @@ def validate_layout(model_cfg: ModelConfig, pcfg: ParallelConfig, world_size: in
             sum(lps) == t.num_layers,
             f"parallel.layers_per_stage {lps} sums to {sum(lps)}, the model has {t.num_layers} LLM layers",
         )
-        _check(min(lps) >= 1, f"parallel.layers_per_stage {lps}: every stage needs at least one layer")
+        if pcfg.vision_layers_per_stage is None:
+            _check(min(lps) >= 1, f"parallel.layers_per_stage {lps}: every stage needs at least one layer")
+    if pcfg.vision_sequence_parallel and tp > 1:
+        _check(
+            v.drop_path_rate == 0.0,
+            f"parallel.vision_sequence_parallel with model.vision.drop_path_rate={v.drop_path_rate}: drop path "
+            "draws one mask per tile, which a token chunk cannot; set drop_path_rate=0 or turn it off",
+        )
+        _check(
+            pcfg.layer_backend == "torch",
+            "parallel.vision_sequence_parallel needs parallel.layer_backend=torch",
+        )
+    _check(pcfg.stage_split in STAGE_SPLITS, f"parallel.stage_split must be one of {STAGE_SPLITS}")
+    if pcfg.vision_layers_per_stage is not None:
+        _validate_vision_split(model_cfg, pcfg)
     _check(
         0 <= pcfg.freeze_vit_layers_below <= v.num_layers,
         f"parallel.freeze_vit_layers_below={pcfg.freeze_vit_layers_below} out of range 0..{v.num_layers}",
     )
     _check(pcfg.layer_backend in ("torch", "te"), "parallel.layer_backend must be 'torch' or 'te'")
+    _check(
+        not (model_cfg.lora.enabled and pcfg.layer_backend == "te"),
+        "lora.vision / lora.llm need parallel.layer_backend=torch (TE linears take no adapters)",
+    )
     validate_dp_shard(pcfg, world_size)
 
 
@@ -164,6 +198,42 @@ def validate_dp_shard(pcfg: ParallelConfig, world_size: int) -> None:
     _check(pcfg.fsdp_reduce_dtype in ("bf16", "fp32"), "parallel.fsdp_reduce_dtype must be fp32 or bf16")
     _check(pcfg.bucket_size_mb > 0, f"parallel.bucket_size_mb={pcfg.bucket_size_mb} must be > 0")
     _check(pcfg.layout in ("manual", "auto"), f"parallel.layout={pcfg.layout!r} must be manual or auto")
+    _check(
+        pcfg.frozen_dtype in ("fp32", "compute"),
+        f"parallel.frozen_dtype={pcfg.frozen_dtype!r} must be fp32 or compute",
+    )
+
+
+def _validate_vision_split(model_cfg: ModelConfig, pcfg: ParallelConfig) -> None:
+    """Explicit ViT layers per stage: a leading run of stages, every stage busy, stage 0 trainable."""
+    vis, stages = list(pcfg.vision_layers_per_stage), pcfg.num_stages
+    key = f"parallel.vision_layers_per_stage {vis}"
+    _check(pcfg.layers_per_stage is not None, f"{key} needs parallel.layers_per_stage (LLM layers per stage)")
+    _check(len(vis) == stages, f"{key} has {len(vis)} entries but pp*virtual_stages = {stages}")
+    sel = model_cfg.select_layer
+    n_run = sel if sel >= 0 else model_cfg.vision.num_layers + 1 + sel
+    _check(sum(vis) == n_run, f"{key} sums to {sum(vis)}, the model runs {n_run} ViT layers (select_layer)")
+    used = [s for s, n in enumerate(vis) if n > 0]
+    _check(
+        min(vis) >= 0 and used == list(range(len(used))),
+        f"{key}: ViT layers must fill a leading run of stages",
+    )
+    lps = list(pcfg.layers_per_stage)
+    _check(
+        all(v + n > 0 for v, n in zip(vis, lps)) and lps[-1] > 0,
+        f"{key} with layers_per_stage {lps}: every stage needs a layer and the last stage an LLM layer",
+    )
+    _check(
+        not any(lps[: len(used) - 1]),
+        f"{key} with layers_per_stage {lps}: LLM layers come after the projector, i.e. from stage {len(used) - 1} on",
+    )
+    if len(used) > 1:
+        # A stage-0 output without autograd history cannot take the next stage's gradient.
+        _check(
+            not pcfg.freeze_vision and pcfg.freeze_vit_layers_below < vis[0],
+            f"{key}: the ViT spans stages but stage 0's ViT layers are all frozen; keep the frozen ViT layers "
+            f"on stage 0 with trainable ones (freeze_vit_layers_below < {vis[0]}) or use one ViT stage",
+        )
 
 
 def _divisors(n: int) -> list[int]:

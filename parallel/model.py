@@ -15,6 +15,7 @@ from mllm.model.loss import IGNORE_INDEX, loss_weights
 from parallel.build import RankSkeleton, build_rank_skeleton, materialize
 from parallel.comm import all_reduce_no_grad
 from parallel.config import ParallelConfig, validate_layout
+from parallel.frozen import hold_frozen_in
 from parallel.fsdp import apply_fsdp, copy_rows_, full_tp_local, resolve_dtype, set_micro_batch_sync, to_local
 from parallel.grads import clip_grad_norm_, finish_grad_sync
 from parallel.loss import vocab_parallel_cross_entropy
@@ -53,10 +54,13 @@ class ParallelModel:
         self.module = skeleton.module
         self.specs, self.sp_params, self.tp = skeleton.specs, skeleton.sp_params, skeleton.tp
         self.stage_ids = skeleton.stage_ids
-        last = pcfg.num_stages - 1
+        last, projector = pcfg.num_stages - 1, skeleton.projector_stage
+        self.vision_spans_stages = projector > 0
         self.stages = [
-            StageModule(self.module, layers, sid == 0, sid == last, self.tp, pcfg)
-            for sid, layers in zip(skeleton.stage_ids, skeleton.stage_layers)
+            StageModule(self.module, layers, sid == 0, sid == last, self.tp, pcfg, vision, sid == projector)
+            for sid, layers, vision in zip(
+                skeleton.stage_ids, skeleton.stage_layers, skeleton.stage_vision_layers
+            )
         ]
         self._schedules: dict[tuple, object] = {}
         self.grad_reducer = None
@@ -71,6 +75,9 @@ class ParallelModel:
             from parallel.overlap import GradReducer
 
             self.grad_reducer = GradReducer(self.trainable_parameters(), mesh.dp_group, pcfg.bucket_size_mb)
+        self.vision_pad_fraction = 0.0  # of the last step's tile activations sent between ViT stages
+        # Ranks that need a micro-batch's tiles (the ViT) or its image flags (the projector stage).
+        self.runs_vision = any(stage.runs_vision or stage.has_projector for stage in self.stages)
 
     # -- parameters ---------------------------------------------------------------------------------------
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -141,7 +148,8 @@ class ParallelModel:
 
     @staticmethod
     def _stage_kwargs(mb: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
-        return {k: mb.get(k) for k in ("segment_ids", "position_ids", "pixel_values", "image_flags")}
+        keys = ("segment_ids", "position_ids", "pixel_values", "image_flags", "input_ids")
+        return {k: mb.get(k) for k in keys}
 
     def _weighted_loss_sum(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         labels, weights = target[0].long(), target[1]
@@ -170,11 +178,11 @@ class ParallelModel:
                 f"under pipeline parallelism all micro-batches need one [B, S] shape, got {shapes}"
             )
         n = len(mbs)
-        if self.pcfg.pp_schedule == "interleaved_1f1b" and n % self.mesh.pp:
+        if self.pcfg.virtual_stages > 1 and n % self.mesh.pp:
             raise ValueError(
-                f"interleaved_1f1b needs a micro-batch count divisible by pp={self.mesh.pp}, got {n}"
+                f"{self.pcfg.pp_schedule} needs a micro-batch count divisible by pp={self.mesh.pp}, got {n}"
             )
-        key = (n, shapes.pop(), self.pcfg.sequence_parallel)
+        key = (n, shapes.pop(), self.pcfg.sequence_parallel, self._set_tile_budget(mbs))
         if key not in self._schedules:
             self._schedules[key] = build_schedule(
                 self.stages, self.stage_ids, self.pcfg, self.mesh, self.device, n, loss_fn
@@ -192,6 +200,23 @@ class ParallelModel:
         if not losses:
             return torch.zeros((), device=self.device)
         return torch.stack([loss.detach().reshape(()) for loss in losses]).sum()
+
+    def _set_tile_budget(self, mbs) -> int:
+        """With the ViT over several stages, tile activations travel padded to the step's largest micro-batch
+        (``vision_pad_fraction`` of them is padding: communication only). Returns the budget (0: no ViT hop)."""
+        if not self.vision_spans_stages:
+            return 0
+        if any(mb.get("pixel_values") is None for mb in mbs):
+            raise ValueError(
+                "the ViT spans pipeline stages: every micro-batch needs pixel_values (a dummy tile with "
+                "image_flags 0 for text-only micro-batches, as the packed loader sends)"
+            )
+        tiles = [mb["pixel_values"].shape[0] for mb in mbs]
+        budget = max(tiles)
+        self.vision_pad_fraction = 1.0 - sum(tiles) / (budget * len(tiles))
+        for stage in self.stages:
+            stage.tile_budget = budget
+        return budget
 
     # -- gradients ----------------------------------------------------------------------------------------
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -274,4 +299,6 @@ def parallelize(
     validate_layout(model_cfg, pcfg, mesh.tp * mesh.pp * mesh.dp)
     skeleton = build_rank_skeleton(model_cfg, pcfg, mesh)
     materialize(skeleton, model_cfg, torch.device(device), init_state_dict, seed, dtype)
+    if pcfg.frozen_dtype == "compute" and compute_dtype is not None:
+        hold_frozen_in(skeleton.module, compute_dtype)
     return ParallelModel(model_cfg, pcfg, mesh, skeleton, device, compute_dtype or dtype)

@@ -6,8 +6,8 @@ returns the ``ShardSpec`` of each parameter it split, keyed by full parameter na
 
 - InternViT: q/k/v column-parallel over heads, proj row-parallel, fc1 column / fc2 row. Heads that tp does not
   divide are padded with zero dummy heads at the end (25 -> 32 at tp 8, as Megatron); QK-norm becomes
-  ``TensorParallelRMSNorm`` (sum of squares reduced over tp, divided by the real width). No sequence
-  parallelism in the ViT (1025 tokens per tile is odd); its norms see full activations.
+  ``TensorParallelRMSNorm`` (sum of squares reduced over tp, divided by the real width). Optional sequence
+  parallelism over the flattened tile tokens, padded to a multiple of tp (``parallel.vision_sp``).
 - Projector: fc1 column, fc2 row.
 - LLM: q/k/v column (whole GQA kv groups per rank), o_proj row, gate/up column, down row; optional sequence
   parallelism between layers (norms on sequence shards). Embedding and output layer split the (padded)
@@ -26,6 +26,7 @@ from mllm.model.projector import Projector
 from mllm.model.vision import InternViT
 from parallel.layers import TensorParallelRMSNorm, TPInfo, VocabParallelEmbedding
 from parallel.shard import ShardSpec, pad_to
+from parallel.vision_sp import apply_vision_sequence_parallel
 
 Specs = dict[str, ShardSpec]
 
@@ -50,27 +51,38 @@ def _linear_specs(prefix: str, kind: str, full: int, padded: int, bias: bool) ->
 
 
 def parallelize_vision_tp(
-    vision: InternViT, cfg: VisionConfig, tp: TPInfo, backend, attention_backend: str, prefix: str = "vision"
+    vision: InternViT,
+    cfg: VisionConfig,
+    tp: TPInfo,
+    backend,
+    attention_backend: str,
+    prefix: str = "vision",
+    vision_sp: bool = False,
 ) -> Specs:
     width, head_dim = cfg.hidden_size, cfg.head_dim
     padded = padded_vision_heads(cfg, tp.size) * head_dim
     specs: Specs = {}
+    sp = vision_sp
     for i, block in enumerate(vision.layers):
         attn, mlp, p = block.attn, block.mlp, f"{prefix}.layers.{i}"
         for name in ("q_proj", "k_proj", "v_proj"):
-            setattr(attn, name, backend.column_linear(width, padded, bias=cfg.qkv_bias, tp=tp))
+            setattr(
+                attn,
+                name,
+                backend.column_linear(width, padded, bias=cfg.qkv_bias, tp=tp, sequence_parallel=sp),
+            )
             specs.update(_linear_specs(f"{p}.attn.{name}", "column", width, padded, cfg.qkv_bias))
         if cfg.qk_norm:
             for name in ("q_norm", "k_norm"):
                 local = padded // tp.size
                 setattr(attn, name, TensorParallelRMSNorm(local, width, cfg.norm_eps, tp=tp))
                 specs[f"{p}.attn.{name}.weight"] = ShardSpec(0, width, padded)
-        attn.proj = backend.row_linear(padded, width, bias=True, tp=tp)
+        attn.proj = backend.row_linear(padded, width, bias=True, tp=tp, sequence_parallel=sp)
         specs.update(_linear_specs(f"{p}.attn.proj", "row", width, padded, True))
         attn.core_attention = backend.core_attention(attention_backend, tp=tp)
         inter = cfg.intermediate_size
-        mlp.fc1 = backend.column_linear(width, inter, bias=True, tp=tp)
-        mlp.fc2 = backend.row_linear(inter, width, bias=True, tp=tp)
+        mlp.fc1 = backend.column_linear(width, inter, bias=True, tp=tp, sequence_parallel=sp)
+        mlp.fc2 = backend.row_linear(inter, width, bias=True, tp=tp, sequence_parallel=sp)
         specs.update(_linear_specs(f"{p}.mlp.fc1", "column", inter, inter, True))
         specs.update(_linear_specs(f"{p}.mlp.fc2", "row", inter, inter, True))
     return specs
@@ -153,11 +165,21 @@ def parallelize_llm_tp(
 
 
 def parallelize_model_tp(
-    model: InternVLModel, cfg: ModelConfig, tp: TPInfo, backend, sequence_parallel: bool
+    model: InternVLModel,
+    cfg: ModelConfig,
+    tp: TPInfo,
+    backend,
+    sequence_parallel: bool,
+    vision_sequence_parallel: bool = False,
 ) -> tuple[Specs, set[str]]:
-    """All of the above on a whole (meta) model."""
-    specs = parallelize_vision_tp(model.vision, cfg.vision, tp, backend, cfg.attention_backend)
+    """All of the above on a whole (meta) model (``parallel.vision_sp`` for the ViT's sequence parallelism)."""
+    vision_sp = vision_sequence_parallel and tp.size > 1
+    specs = parallelize_vision_tp(
+        model.vision, cfg.vision, tp, backend, cfg.attention_backend, vision_sp=vision_sp
+    )
     specs.update(parallelize_projector_tp(model.projector, tp, backend))
     llm_specs, sp_params = parallelize_llm_tp(model, cfg, tp, backend, sequence_parallel)
     specs.update(llm_specs)
+    if vision_sp:
+        sp_params |= apply_vision_sequence_parallel(model.vision, cfg.vision.num_patches + 1)
     return specs, sp_params

@@ -57,7 +57,7 @@ def test_checkpoint_loader_reproduces_the_trainers_loss(demo, run_config):
     result, _ = demo
     ckpt = result.run_dir / "checkpoints" / f"step_{STEPS:08d}"
     model = load_checkpoint_model(ckpt, run_config.model)
-    loader = PackedLoader(run_config.data, 0, 1)
+    loader = PackedLoader(run_config.data, 0, 1, rows_per_step=run_config.train.global_batch_size)
     loader.load_state_dict(torch.load(ckpt / "extra" / "rank_00000.pt", weights_only=False)["data"])
     grad_accum = run_config.train.global_batch_size // run_config.data.micro_batch_size
     micro = [batch_to_dict(next(loader)) for _ in range(grad_accum)]

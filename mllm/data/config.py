@@ -16,6 +16,9 @@ class DataConfig:
     seq_len: int = 8192
     micro_batch_size: int = 1
     max_tiles_per_row: int = 48
+    # Tile-balanced packing: rows also aim at this many tiles (+-1), so a pipeline split of the ViT over stages
+    # stays balanced. 0: off; -1: the data mix's own tiles per row (running average); k: k tiles.
+    tiles_per_row: int = 0
     # Dynamic tiling; a dataset's own `max_dynamic_patch` in the meta JSON overrides max_dynamic_patch.
     max_dynamic_patch: int = 12
     min_dynamic_patch: int = 1

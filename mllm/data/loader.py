@@ -86,9 +86,8 @@ class _Step:
 
     before: dict
     after: dict
-    outcomes: list[
-        tuple[int, str, str | None, str, str, bool]
-    ]  # (..., reason or None, key, detail, truncated)
+    # (position, dataset, reason or None, key, detail, truncated) of each sample consumed
+    outcomes: list[tuple[int, str, str | None, str, str, bool]]
     micro: list[tuple[list[list[Stage1Result]], list[list[Future]]]]
     samples: list[str]
 
@@ -257,7 +256,13 @@ class PackedLoader:
 
     def _new_packer(self) -> Packer:
         cfg = self.cfg
-        return Packer(cfg.seq_len, cfg.max_tiles_per_row, self.flops, buffer_size=cfg.pack_buffer)
+        return Packer(
+            cfg.seq_len,
+            cfg.max_tiles_per_row,
+            self.flops,
+            buffer_size=cfg.pack_buffer,
+            tiles_per_row=cfg.tiles_per_row,
+        )
 
     def _capture(self) -> dict:
         """The state after the rows planned so far (bad-sample counts are added when the step is taken)."""

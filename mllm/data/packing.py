@@ -6,6 +6,10 @@ the same FLOPs: rows are filled to the row length and steered toward a FLOP targ
 tile through InternViT-6B costs about as much as its 256 LLM tokens) and the per-sample attention term, not
 tokens alone, and the dealing puts the heaviest rows on different ranks.
 
+With a tile target (``tiles_per_row``), rows also aim at that many vision tiles (within +-1 whenever the buffer
+allows): every micro-batch then costs the vision stages about the same, so a static pipeline split of the ViT
+across stages stays balanced. A row holds at most target + 1 tiles unless one sample alone has more.
+
 Each row starts with the oldest buffered sample, so no sample waits more than `buffer_size` rows and the
 packer's state stays small (positions and sizes only).
 """
@@ -46,6 +50,7 @@ class Packer:
         size_bonus: float = 0.02,
         slack: int | None = None,
         max_wait: int | None = None,
+        tiles_per_row: int = 0,
     ) -> None:
         self.seq_len = seq_len
         self.max_tiles = max_tiles_per_row
@@ -55,6 +60,8 @@ class Packer:
         # Tokens a row may leave empty and still count as complete (0.4% of the row by default).
         self.slack = slack if slack is not None else max(1, seq_len // 256)
         self.max_wait = max_wait if max_wait is not None else self.buffer_size
+        # 0: no tile target; -1: the mix's own tiles per row (running tiles per token x seq_len); k: k tiles.
+        self.tiles_per_row = tiles_per_row
         self.pos: list[int] = []
         self.tokens: list[int] = []
         self.tiles: list[int] = []
@@ -63,6 +70,7 @@ class Packer:
         # Running totals of everything added: their ratio is the FLOPs per token a full row should have.
         self.sum_flops = 0.0
         self.sum_tokens = 0
+        self.sum_tiles = 0
 
     def __len__(self) -> int:
         return len(self.pos)
@@ -76,6 +84,7 @@ class Packer:
         self.born.append(self.rows_emitted)
         self.sum_flops += float(self.flops.sample(tokens, tiles))
         self.sum_tokens += tokens
+        self.sum_tiles += tiles
 
     def ready(self) -> bool:
         return len(self.pos) >= self.buffer_size
@@ -83,6 +92,19 @@ class Packer:
     def density(self) -> float:
         """Average FLOPs per token of everything seen: a full row at level 1.0 costs density * seq_len."""
         return self.sum_flops / max(1, self.sum_tokens)
+
+    def tile_target(self) -> int:
+        """Tiles a row aims at (0: no target)."""
+        if self.tiles_per_row >= 0:
+            return self.tiles_per_row
+        return max(1, round(self.sum_tiles / max(1, self.sum_tokens) * self.seq_len))
+
+    def _tile_penalty(self, final_tiles: np.ndarray, target: int) -> np.ndarray:
+        """0 inside target +- 1, one FLOP-miss unit per tile outside; a small pull toward the target inside."""
+        if not target:
+            return np.zeros(np.shape(final_tiles))
+        miss = np.abs(np.asarray(final_tiles, dtype=np.float64) - target)
+        return np.maximum(miss - 1.0, 0.0) + 0.01 * miss
 
     def pop_row(self, level: float = 1.0) -> list[int]:
         """Choose one row (positions) whose FLOPs approach level * density * seq_len.
@@ -98,19 +120,26 @@ class Packer:
         tiles = np.asarray(self.tiles, dtype=np.int64)
         flops = np.asarray(self.flops.sample(tokens, tiles))
         density = self.density()
+        target_tiles = self.tile_target()
         row = _Row(self.seq_len, self.max_tiles, level * density * self.seq_len)
         free = np.ones(len(tokens), dtype=bool)
         oldest = int(np.argmin(self.born))
         if self.rows_emitted - self.born[oldest] >= self.max_wait:
             row.add(oldest, tokens, tiles, flops, free)
         while True:
-            cand = np.flatnonzero(free & (tokens <= row.room) & (tiles <= row.tile_room))
+            tile_room = row.tile_room
+            if target_tiles and row.members:  # the seed may be any size; then at most target + 1 in all
+                tile_room = min(tile_room, max(0, target_tiles + 1 - row.tiles))
+            cand = np.flatnonzero(free & (tokens <= row.room) & (tiles <= tile_room))
             if cand.size == 0:
                 break
-            picked = self._completion(row, cand, tokens, tiles, flops) if row.members else None
+            picked = self._completion(row, cand, tokens, tiles, flops, target_tiles) if row.members else None
             if picked is None:
                 predicted = row.flops + flops[cand] + density * (row.room - tokens[cand])
                 score = self._miss(predicted, row.target) - self.size_bonus * tokens[cand] / row.room
+                if target_tiles:
+                    fill = (row.room - tokens[cand]) * target_tiles / self.seq_len
+                    score = score + self._tile_penalty(row.tiles + tiles[cand] + fill, target_tiles)
                 picked = [int(cand[np.argmin(score)])]
             for i in picked:
                 row.add(i, tokens, tiles, flops, free)
@@ -128,22 +157,39 @@ class Packer:
         return np.abs(flops / target - 1.0)
 
     def _completion(
-        self, row: _Row, cand: np.ndarray, tokens: np.ndarray, tiles: np.ndarray, flops: np.ndarray
+        self,
+        row: _Row,
+        cand: np.ndarray,
+        tokens: np.ndarray,
+        tiles: np.ndarray,
+        flops: np.ndarray,
+        target_tiles: int = 0,
     ) -> list[int] | None:
-        """One or two candidates that fill the row to within `slack`, best final FLOPs first."""
+        """One or two candidates that fill the row to within `slack`, best final FLOPs (and tiles) first."""
         lo = row.room - self.slack
         t, n, f = tokens[cand], tiles[cand], flops[cand]
         single = t >= lo
+        if target_tiles:  # only completions that land within target +- 1 tiles
+            single &= np.abs(row.tiles + n - target_tiles) <= 1
         if single.any():
             idx = np.flatnonzero(single)
-            return [int(cand[idx[np.argmin(self._miss(row.flops + f[idx], row.target))]])]
+            miss = self._miss(row.flops + f[idx], row.target)
+            miss = miss + self._tile_penalty(row.tiles + n[idx], target_tiles)
+            return [int(cand[idx[np.argmin(miss)]])]
         pair_t = t[:, None] + t[None, :]
-        ok = (pair_t >= lo) & (pair_t <= row.room) & (n[:, None] + n[None, :] <= row.tile_room)
+        tile_room = row.tile_room
+        if target_tiles:
+            tile_room = min(tile_room, max(0, target_tiles + 1 - row.tiles))
+        ok = (pair_t >= lo) & (pair_t <= row.room) & (n[:, None] + n[None, :] <= tile_room)
+        if target_tiles:
+            ok &= np.abs(row.tiles + n[:, None] + n[None, :] - target_tiles) <= 1
         ok &= np.triu(np.ones_like(ok), 1)
         if not ok.any():
             return None
         i, j = np.nonzero(ok)
-        best = int(np.argmin(self._miss(row.flops + f[i] + f[j], row.target)))
+        miss = self._miss(row.flops + f[i] + f[j], row.target)
+        miss = miss + self._tile_penalty(row.tiles + n[i] + n[j], target_tiles)
+        best = int(np.argmin(miss))
         return [int(cand[i[best]]), int(cand[j[best]])]
 
     def state_dict(self) -> dict:
@@ -155,6 +201,7 @@ class Packer:
             "rows_emitted": self.rows_emitted,
             "sum_flops": self.sum_flops,
             "sum_tokens": self.sum_tokens,
+            "sum_tiles": self.sum_tiles,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -165,6 +212,7 @@ class Packer:
         self.rows_emitted = int(state["rows_emitted"])
         self.sum_flops = float(state["sum_flops"])
         self.sum_tokens = int(state["sum_tokens"])
+        self.sum_tiles = int(state.get("sum_tiles", 0))  # absent in states written before tile targets
 
 
 class _Row:
@@ -173,6 +221,7 @@ class _Row:
     def __init__(self, seq_len: int, max_tiles: int, target: float) -> None:
         self.room, self.tile_room, self.target = seq_len, max_tiles, target
         self.flops = 0.0
+        self.tiles = 0
         self.members: list[int] = []
 
     def add(self, i: int, tokens: np.ndarray, tiles: np.ndarray, flops: np.ndarray, free: np.ndarray) -> None:
@@ -180,6 +229,7 @@ class _Row:
         free[i] = False
         self.room -= int(tokens[i])
         self.tile_room -= int(tiles[i])
+        self.tiles += int(tiles[i])
         self.flops += float(flops[i])
 
 

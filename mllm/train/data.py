@@ -59,13 +59,18 @@ def step_prefetch(run: RunConfig, dp: int) -> int:
     return max(run.data.prefetch_batches, min(grad_accum, MAX_STEP_PREFETCH))
 
 
-def all_ranks_rejections(rejections: list[Rejection]) -> list[Rejection]:
-    """Every rank's decode-time rejections of this step (duplicates from tp/pp peers are dropped by the loader)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return rejections
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, rejections)
-    return [tuple(r) for rank_rejections in gathered for r in rank_rejections]
+def dp_rejections(mesh: ParallelMesh):
+    """Shares a step's decode-time rejections among the dp replicas (the peers of a replica already hold the same
+    ones: they gather each other's decoded samples), so every rank counts every rejection."""
+
+    def exchange(rejections: list[Rejection]) -> list[Rejection]:
+        if mesh.dp == 1:
+            return rejections
+        gathered: list = [None] * mesh.dp
+        dist.all_gather_object(gathered, rejections, group=mesh.dp_group)
+        return [tuple(r) for rank_rejections in gathered for r in rank_rejections]
+
+    return exchange
 
 
 def replica_decode_split(mesh: ParallelMesh) -> DecodeSplit | None:
@@ -101,7 +106,7 @@ class DataLoaderSource:
             mesh.dp,
             rows_per_step=run.train.global_batch_size,
             epochs=run.train.epochs,
-            exchange=all_ranks_rejections,
+            exchange=dp_rejections(mesh),
             decode_split=replica_decode_split(mesh),
         )
         self.dp_rank = mesh.dp_rank

@@ -7,6 +7,7 @@ group; shards are equal up to padding). Works for the 26B recipes on a laptop. T
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -126,6 +127,9 @@ def flops_per_step(run: RunConfig) -> float:
     d, p = run.data, run.parallel
     tiles = int(d.seq_len * p.balance_image_token_fraction) // run.model.num_image_token
     parts = TrainedParts(not p.freeze_vision, not p.freeze_projector, not p.freeze_llm)
+    parts = dataclasses.replace(
+        parts, vision_adapters=run.model.lora.vision > 0, llm_adapters=run.model.lora.llm > 0
+    )
     return step_flops(run.model, [(d.seq_len, tiles)], parts).total * run.train.global_batch_size
 
 

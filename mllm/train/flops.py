@@ -44,6 +44,9 @@ class TrainedParts:
     vision: bool = True
     projector: bool = True
     llm: bool = True
+    # LoRA (``model.lora``): the part's base weights are frozen, its adapters need the data gradient through it.
+    vision_adapters: bool = False
+    llm_adapters: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,11 +68,15 @@ def part_multipliers(trained: bool, grad_flows_in: bool) -> PartMultipliers:
 
 def multipliers_for(parts: TrainedParts) -> dict[str, PartMultipliers]:
     """Per-part multipliers. A frozen part still runs a backward pass when a part *before* it in the graph is
-    trained, because that part's gradient has to flow through it."""
+    trained, because that part's gradient has to flow through it; a part with LoRA adapters counts as frozen
+    with the gradient flowing through it (the adapters' own rank-r GEMMs are not counted)."""
+    vision = parts.vision and not parts.vision_adapters
+    llm = parts.llm and not parts.llm_adapters
+    vision_needs_grad = vision or parts.vision_adapters
     return {
-        "vision": part_multipliers(parts.vision, False),
-        "projector": part_multipliers(parts.projector, parts.vision),
-        "llm": part_multipliers(parts.llm, parts.vision or parts.projector),
+        "vision": part_multipliers(vision, parts.vision_adapters),
+        "projector": part_multipliers(parts.projector, vision_needs_grad),
+        "llm": part_multipliers(llm, vision_needs_grad or parts.projector or parts.llm_adapters),
     }
 
 

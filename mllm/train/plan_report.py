@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from mllm.train.config import RunConfig
 from mllm.train.planner import CUDA_CONTEXT_GIB, FRAGMENTATION, GIB, NCCL_GIB, Hardware, LayoutPlan, plan
 from mllm.train.planner_search import apply_layout, plan_layout, search_layouts, smallest_fitting_world
 
+# parallel.layout=auto picks among layouts whose estimated peak is at most this share of the GPU memory: a margin
+# for the estimate's error (the fragmentation allowance is already inside the estimate).
+AUTO_HEADROOM = 0.95
 COLUMNS = ("weights", "gathered", "grads", "optimizer", "activations", "logits", "pixels", "overhead")
 
 
@@ -106,15 +110,17 @@ def resolve_auto_layout(run: RunConfig, world: int, gpu_memory_gib: float | None
         raise ValueError(
             "parallel.layout=auto needs the GPU memory: set parallel.gpu_memory_gib=GIB (no GPU is visible here)"
         )
-    best = plan_layout(run, world, memory)
+    budget = memory * AUTO_HEADROOM
+    best = plan_layout(run, world, budget)
     if best is None:
-        smallest = smallest_fitting_world(run, memory, world)
+        smallest = smallest_fitting_world(run, budget, world)
         where = (
             f"the smallest world size that fits is {smallest}" if smallest else "none up to 4096 ranks fits"
         )
         raise ValueError(
-            f"parallel.layout=auto: no layout of this run fits {world} ranks of {memory:g} GiB; {where} "
+            f"parallel.layout=auto: no layout of this run fits {world} ranks of {memory:g} GiB (peak at most "
+            f"{AUTO_HEADROOM:.0%}); {where} "
             f"(or lower data.seq_len / data.max_tiles_per_row, or freeze parts)"
         )
     run.parallel = apply_layout(run.parallel, best.pcfg)
-    return best
+    return dataclasses.replace(best, hardware=dataclasses.replace(best.hardware, gpu_memory_gib=memory))

@@ -7,7 +7,9 @@ layouts and ranks them; ``--dry-run`` prints one plan (``mllm.train.plan_report`
 
 Memory of one rank (bytes), by category (``RankPlan.bytes``):
 
-- ``weights``: fp32 master weights (all local parameters; / dp_shard under FSDP2);
+- ``weights``: fp32 master weights (all local parameters; / dp_shard under FSDP2); with
+  ``parallel.frozen_dtype=compute`` frozen parameters (but the token embedding) in the compute dtype instead
+  (``parallel.frozen``);
 - ``gathered``: FSDP2 compute copies in ``fsdp_param_dtype``: the stage root (embeddings, projector, head,
   kept from forward to backward) plus two units (the running one and the prefetched one); under pp the
   pipeline keeps a stage's units gathered between micro-batches (``PipelineStage`` turns resharding off until
@@ -253,6 +255,18 @@ def accumulation(run: RunConfig, pcfg: ParallelConfig, world: int) -> int:
     return max(1, run.train.global_batch_size // (run.data.micro_batch_size * pcfg.dp_size(world)))
 
 
+def weight_bytes(
+    run: RunConfig, pcfg: ParallelConfig, part: PartCounts, embedding: PartCounts | None
+) -> float:
+    """Bytes of ``part``'s weights before FSDP sharding: fp32, or under ``parallel.frozen_dtype=compute`` its
+    frozen parameters in the compute dtype except a frozen token ``embedding`` (kept fp32, ``parallel.frozen``)."""
+    if pcfg.frozen_dtype != "compute":
+        return 4.0 * part.total
+    kept = embedding.total - embedding.trainable if embedding is not None else 0
+    frozen = part.total - part.trainable - kept
+    return 4.0 * (part.trainable + kept) + compute_dtype_bytes(run) * frozen
+
+
 def pixels_in_flight(run: RunConfig, pcfg: ParallelConfig, world: int) -> int:
     """Micro-batches whose tiles sit on the device at once: ``train.pixels_ahead`` ahead plus the running one
     (``mllm.train.batches.PixelFeeder``), at most the step's accumulation."""
@@ -309,7 +323,7 @@ def rank_plans(run: RunConfig, pcfg: ParallelConfig, world: int) -> list[RankPla
         root, units, layers = _stage_parts(counts, pcfg, stage_ids, lps)
         total = _add(root, *units)
         b: dict[str, float] = {}
-        b["weights"] = 4.0 * total.total / ds
+        b["weights"] = weight_bytes(run, pcfg, total, counts.embed_tokens if 0 in stage_ids else None) / ds
         if fsdp:
             if pcfg.pp > 1:
                 b["gathered"] = float(gathered_b * total.total)

@@ -85,7 +85,7 @@ class Trainer:
         if run.train.epochs is not None:  # the data as it will be packed decides the schedule's length
             run.train.steps = self.batches.count_steps()
         self.schedule = LRSchedule(run.optim, run.train.steps)
-        self.pixels = PixelFeeder(self.device, run.train.pixels_ahead, runs_vision=0 in self.pm.stage_ids)
+        self.pixels = PixelFeeder(self.device, run.train.pixels_ahead, runs_vision=self.pm.runs_vision)
         self.grad_accum = run.train.global_batch_size // (run.data.micro_batch_size * self.mesh.dp)
         self.ckpt = CheckpointManager(
             run.checkpoint.dir or self.run_dir / "checkpoints",
@@ -103,6 +103,8 @@ class Trainer:
             vision=not run.parallel.freeze_vision,
             projector=not run.parallel.freeze_projector,
             llm=not run.parallel.freeze_llm,
+            vision_adapters=run.model.lora.vision > 0,
+            llm_adapters=run.model.lora.llm > 0,
         )
         self.peak_tflops = peak_tflops_for(
             torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
@@ -288,6 +290,7 @@ class Trainer:
             "tflops_per_device": tflops,
             "mfu": tflops / self.peak_tflops if self.peak_tflops else 0.0,
             "peak_mem": peak_memory_gib(self.device),
+            "vision_pad": self.pm.vision_pad_fraction,  # padded share of tiles sent between ViT stages
         }
 
     def _stop_requested(self) -> bool:

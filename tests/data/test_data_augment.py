@@ -136,8 +136,8 @@ def test_loader_augments_only_flagged_datasets(synth_dir, mixed_meta):
             if key.startswith("synth_en"):
                 saw_en = True
                 assert not torch.equal(pa, pb)
-                # degraded, not replaced: quality 75 moves a synthetic tile by ~3 levels on average
-                assert (pa.int() - pb.int()).abs().float().mean() < 6
+                # degraded, not replaced: a quality-75 JPEG of a 28 px tile moves pixels by a few levels on average
+                assert (pa.int() - pb.int()).abs().float().mean() < 8
             else:
                 saw_zh = True
                 assert torch.equal(pa, pb)

@@ -103,3 +103,36 @@ def test_assign_rows_deals_equal_counts_largest_first():
     assert assign_rows([5, 1, 4, 2, 3, 3], 2) == [[0, 1, 5], [2, 3, 4]]  # loads 9 and 9
     assert assign_rows([10, 1, 1, 1], 2) == [[0, 3], [1, 2]]  # equal counts beat equal loads
     assert assign_rows([2, 7, 1], 1) == [[0, 1, 2]]
+
+
+def test_tile_target_rows_stay_within_one_tile():
+    """tiles_per_row=-1 aims every row at the mix's own tiles per row: most rows land within +-1, none above
+    target + 1 (no single sample here exceeds it), fill stays high, and the spread of tiles per row drops."""
+    items = stream(0, 3000)
+    plain = run(Packer(8192, 48, buffer_size=128), items)
+    packer = Packer(8192, 48, buffer_size=128, tiles_per_row=-1)
+    rows = run(packer, items)
+    target = packer.tile_target()
+    # the mix's tiles per token times the row length, computed here from the stream itself
+    seen = items[: sum(len(r) for r in rows) + len(packer)]
+    assert target == round(sum(t for _, t in seen) / sum(n for n, _ in seen) * 8192)
+    tiles = np.array([sum(items[i][1] for i in row) for row in rows])
+    fill = np.mean([sum(items[i][0] for i in row) / 8192 for row in rows])
+    plain_tiles = np.array([sum(items[i][1] for i in row) for row in plain])
+    assert tiles.max() <= target + 1
+    assert np.mean(np.abs(tiles - target) <= 1) >= 0.8
+    assert fill > 0.98
+    assert tiles.std() / tiles.mean() < 0.5 * plain_tiles.std() / plain_tiles.mean()
+
+
+def test_tile_target_state_roundtrip():
+    items = stream(2, 400)
+    a = Packer(8192, 48, buffer_size=64, tiles_per_row=-1)
+    run(a, items[:200])
+    b = Packer(8192, 48, buffer_size=64, tiles_per_row=-1)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert b.tile_target() == a.tile_target()
+    for i in range(200, 400):
+        a.add(i, *items[i])
+        b.add(i, *items[i])
+    assert a.pop_row(1.0) == b.pop_row(1.0)

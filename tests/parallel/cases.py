@@ -6,6 +6,8 @@ model, runs the same global batch (this dp rank's share), gathers full gradients
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from mllm.model.config import tiny
@@ -130,8 +132,8 @@ def compare_grads(rank: int, world: int, cfg_kwargs: dict, pcfg_kwargs: dict, n_
     pm = parallelize(cfg, pcfg, mesh, "cpu", init_state_dict=ref.state_dict())
     local = all_mbs[mesh.dp_rank * n_micro : (mesh.dp_rank + 1) * n_micro]
     seen_seq: list[int] = []
-    first_layer = next(iter(pm.module.llm.layers.values()))
-    first_layer.register_forward_hook(lambda m, args, out: seen_seq.append(args[0].shape[1]))
+    for first_layer in list(pm.module.llm.layers.values())[:1]:  # a ViT-only pipeline rank has none
+        first_layer.register_forward_hook(lambda m, args, out: seen_seq.append(args[0].shape[1]))
     result = pm.forward_backward(local)
     grads = pm.full_grads(all_stages=True)
     frozen_with_grad = [n for n, p in pm.named_parameters() if not p.requires_grad and p.grad is not None]
@@ -148,7 +150,7 @@ def compare_grads(rank: int, world: int, cfg_kwargs: dict, pcfg_kwargs: dict, n_
         "fsdp_params": sum(is_sharded(p) for _, p in pm.named_parameters()),
         "top": [(n, round(e, 3)) for n, e in errs.items() if e > 1e-5],
         "num_tokens": result.num_tokens,
-        "llm_seq_per_rank": seen_seq[0],
+        "llm_seq_per_rank": seen_seq[0] if seen_seq else None,
         "ref_tokens": int(sum((mb["labels"] != IGNORE_INDEX).sum() for mb in all_mbs)),
     }
 
@@ -211,7 +213,11 @@ def _dummy_head_max(pm) -> float:
     return worst
 
 
-KINDS = {"grads": compare_grads, "adamw": compare_adamw}
+KINDS = {
+    "grads": compare_grads,
+    "grads_4mb": functools.partial(compare_grads, n_micro=4),  # pp 4 needs 4 micro-batches
+    "adamw": compare_adamw,
+}
 
 
 def run_cases(rank: int, world: int, cases: list[tuple[str, str, dict, dict]]) -> dict[str, object]:

@@ -32,6 +32,8 @@ WORLD2 = [
     ("lora_export", "test_lora_export:train_lora_tp2", ()),
     ("family_twins", "test_family_twins:import_train_one_step", ()),
     ("fsdp_resume", "test_fsdp_train:dp_shard_resume", ()),
+    ("finetune_flows", "test_finetune_flow:finetune_flows", ()),
+    ("frozen_bf16", "test_finetune_flow:frozen_in_bf16", ()),
 ]
 WORLD4 = [
     ("tp2xpp2", "test_resume:straight_vs_resumed", (["parallel.tp=2", "parallel.pp=2"],)),

@@ -52,7 +52,7 @@ def test_cpu_micro_batches_equal_the_plain_loaders(synth_data):
     source = DataLoaderSource(run, SimpleNamespace(dp_rank=0, dp=1))
     assert source.loader.cfg.prefetch_batches == 8 and source.device.type == "cpu"
     ours = source.next_micro_batches(8)
-    reference = PackedLoader(run.data, 0, 1)  # prefetch_batches=2
+    reference = PackedLoader(run.data, 0, 1, rows_per_step=8)  # prefetch_batches=2
     try:
         for mb in ours:
             batch = next(reference)

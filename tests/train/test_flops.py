@@ -94,3 +94,16 @@ def test_peak_of_the_pcie_h100_is_not_the_sxm_one():
     assert peak_tflops_for("NVIDIA H100 PCIe") == 756.0
     assert peak_tflops_for("NVIDIA H100 80GB HBM3") == 989.0
     assert peak_tflops_for("NVIDIA H200") == 989.0
+
+
+def test_lora_parts_count_as_frozen_with_the_gradient_flowing_through():
+    """lora.llm on a frozen model (InternVL's use_llm_lora): the LLM runs forward + data backward (2x GEMMs,
+    3x attention, as a frozen LLM behind a trained projector), the frozen ViT and projector forward only."""
+    sample = [(1024, 2)]
+    lora = step_flops(CFG_26B, sample, TrainedParts(False, False, True, llm_adapters=True))
+    behind = step_flops(CFG_26B, sample, TrainedParts(False, True, False))
+    frozen = step_flops(CFG_26B, sample, TrainedParts(False, False, False))
+    assert lora.llm == behind.llm and lora.vision == frozen.vision and lora.projector == frozen.projector
+    assert frozen.llm < lora.llm < step_flops(CFG_26B, sample, TrainedParts()).llm
+    vit = step_flops(CFG_26B, sample, TrainedParts(True, False, False, vision_adapters=True))
+    assert vit.projector == behind.projector * 2 / 3 and vit.llm == behind.llm  # gradient flows on to the ViT

@@ -46,6 +46,13 @@ def _data(root: Path, rank: int) -> Path:
         repeat = {"synth_en": {**base["synth_en"], "repeat_time": 2}, "synth_text": base["synth_text"]}
         (data / "meta_repeat.json").write_text(json.dumps(repeat))
         (data / "meta_once.json").write_text(json.dumps({"synth_zh": base["synth_zh"]}))
+        # every third line of synth_zh unparsable: 33% rejected
+        zh = (data / "synth_zh.jsonl").read_text().splitlines()
+        bad = [line if i % 3 else "{not json" for i, line in enumerate(zh)]
+        (data / "bad.jsonl").write_text("\n".join(bad) + "\n")
+        (data / "meta_bad.json").write_text(
+            json.dumps({"bad": {**base["synth_zh"], "annotation": "bad.jsonl"}})
+        )
     if dist.is_initialized():
         dist.barrier()
     return data
@@ -76,7 +83,7 @@ def steps_at(rank: int, world: int, root: str, layout: list[str]) -> None:
     _train(_data(root_p, rank), "meta.json", root_p / "straight", [f"train.steps={STEPS}", *layout])
 
 
-def on_two_ranks(rank: int, world: int, root: str) -> None:
+def on_two_ranks(rank: int, world: int, root: str) -> str:
     root_p = Path(root)
     data = _data(root_p, rank)
     _train(data, "meta.json", root_p / "dp2", [f"train.steps={STEPS}"])
@@ -91,6 +98,18 @@ def on_two_ranks(rank: int, world: int, root: str) -> None:
     _train(
         data, "meta_once.json", root_p / "once", ["train.epochs=1", "parallel.tp=2", "checkpoint.resume=auto"]
     )
+    return bad_data_fails_on_every_rank(data, root_p / "bad")
+
+
+def bad_data_fails_on_every_rank(data: Path, run_dir: Path) -> str:
+    from mllm.data.badsamples import DataQualityError
+
+    rule = ["data.max_bad_fraction=0.2", "data.bad_window=12", "data.min_samples_for_bad_check=12"]
+    try:
+        _train(data, "meta_bad.json", run_dir, ["train.steps=20", *rule])
+    except DataQualityError as e:
+        return str(e)
+    return "no error"
 
 
 def one_rank(rank: int, world: int, root: str, data: str) -> None:
@@ -100,6 +119,15 @@ def one_rank(rank: int, world: int, root: str, data: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(world2):
     return scenario_result(world2, "layout_invariance")[0]
+
+
+def test_too_many_bad_samples_stop_every_rank_with_one_line(world2):
+    """The rule is global: both ranks raise the same one-line error at the same step (no rank hangs in a
+    collective); a third of the lines are unparsable, more than the 20% allowed in a window of 12."""
+    _, messages = scenario_result(world2, "layout_invariance")
+    assert messages[0] == messages[1] and "\n" not in messages[0]
+    assert "dataset 'bad'" in messages[0] and "of its last 12 samples rejected" in messages[0], messages[0]
+    assert "bad_annotation" in messages[0] and "data.max_bad_fraction" in messages[0]
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,13 @@ in transformers / peft. Reference: the weights the tp2 trainer held in memory af
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from fixtures import make_row
 from scenarios import make_trainer, portable, restored, scenario_result
+from test_sharded_checkpoint import full_tensors
 
 import mllm.hf
 from mllm.convert import core
@@ -29,7 +31,12 @@ def train_lora_tp2(rank: int, world: int, root: str) -> dict:
     trainer.fit()
     trained = portable(trainer.pm.full_state_dict(all_stages=True))
     run = trainer.run
-    return {"state_dict": trained, "model": run.model, "seed": run.train.seed} if rank == 0 else {}
+    # The tp2 checkpoint (adapters with their base layers' shard specs) resumed at pp2: same tensors.
+    pp2 = make_trainer([f"train.run_dir={root}/pp2", f"train.steps={STEPS}", "parallel.pp=2", *LORA])
+    pp2.resume(Path(root) / "checkpoints" / f"step_{STEPS:08d}")
+    tensors = {"tp2": full_tensors(trainer), "pp2": full_tensors(pp2)}
+    out = {"state_dict": trained, "model": run.model, "seed": run.train.seed, "resumed": tensors}
+    return out if rank == 0 else {}
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +71,14 @@ def test_only_adapters_and_projector_moved(trained):
     assert (
         sum(is_adapter_name(n) and ".lora_B." in n for n in moved) == 6 * 2 + 7 * 4
     )  # every B moved off its zero init
+
+
+def test_lora_checkpoint_resumes_at_pp2_with_identical_tensors(trained):
+    _, result = trained
+    tp2, pp2 = (restored(result["resumed"][k]) for k in ("tp2", "pp2"))
+    assert sorted(pp2) == sorted(tp2) and any(".lora_A." in k and k.startswith("optim/") for k in tp2)
+    for key, want in tp2.items():
+        assert torch.equal(pp2[key], want), key
 
 
 def test_merged_export_reproduces_the_trained_logits(trained, tmp_path):
