@@ -20,7 +20,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/python -m mllm.demo
+	$(BIN)/python -m demo
 
 lint: install
 	$(BIN)/ruff check .

@@ -22,6 +22,7 @@ from mllm.data.config import DataConfig
 from mllm.model.config import ModelConfig
 from mllm.train.config import (
     CheckpointConfig,
+    EvalConfig,
     LoggingConfig,
     OptimConfig,
     RunConfig,
@@ -29,7 +30,13 @@ from mllm.train.config import (
 )
 from parallel.config import ParallelConfig, validate_layout
 
-RECIPES_DIR = Path(os.environ.get("MLLM_RECIPES", Path(__file__).resolve().parent.parent / "recipes"))
+# The repository's top-level recipes/ in a source checkout; mllm/recipes/ inside an installed wheel (setup.py
+# maps the one onto the other). MLLM_RECIPES replaces it; --config-dir adds a user directory in front of it.
+_SOURCE_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+_BUNDLED_RECIPES = Path(__file__).resolve().parent / "recipes"
+RECIPES_DIR = Path(
+    os.environ.get("MLLM_RECIPES", _SOURCE_RECIPES if _SOURCE_RECIPES.is_dir() else _BUNDLED_RECIPES)
+)
 SCHEMA_NAME = "run_schema"
 GROUP_SCHEMAS = {
     "model": ModelConfig,
@@ -39,6 +46,7 @@ GROUP_SCHEMAS = {
     "train": TrainConfig,
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
+    "eval": EvalConfig,
 }
 
 
@@ -57,20 +65,51 @@ def register_configs() -> None:
 def compose_run_config(
     config_name: str, overrides: list[str] | None = None, config_dir: str | Path | None = None
 ) -> DictConfig:
-    """Compose ``config_name`` from ``recipes/`` (or ``config_dir``) with Hydra overrides; typed DictConfig."""
+    """Compose ``config_name`` with Hydra overrides; typed DictConfig.
+
+    Recipes are looked up in ``config_dir`` (a user's own directory) first, then in the bundled ``recipes/``;
+    a user recipe may compose bundled ones (``defaults: [tiny_sft, _self_]``, ``model: tiny``). ``+key=value``
+    adds a key only where the schema allows new ones (dict-valued keys such as ``optim.lr_mult``).
+    """
     register_configs()
-    directory = Path(config_dir or RECIPES_DIR).resolve()
-    if not (directory / f"{config_name}.yaml").is_file():
-        available = sorted(p.stem for p in directory.glob("*.yaml"))
-        raise ConfigError(f"no recipe {config_name!r} in {directory}; available: {', '.join(available)}")
+    dirs = list(dict.fromkeys(Path(d).resolve() for d in (config_dir, RECIPES_DIR) if d))
+    primary = next((d for d in dirs if (d / f"{config_name}.yaml").is_file()), None)
+    if primary is None:
+        available = sorted({p.stem for d in dirs for p in d.glob("*.yaml")})
+        where = " or ".join(str(d) for d in dirs)
+        raise ConfigError(f"no recipe {config_name!r} in {where}; available: {', '.join(available)}")
+    others = [f"file://{d}" for d in dirs if d != primary]
+    search = [f"hydra.searchpath=[{','.join(others)}]"] if others else []
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
-            return compose(config_name=config_name, overrides=list(overrides or []))
+        with initialize_config_dir(config_dir=str(primary), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=search + list(overrides or []))
     except Exception as exc:  # Hydra/OmegaConf errors are multi-line; keep the essential line
         raise ConfigError(f"recipe {config_name}: {one_line(exc)}") from exc
     finally:
         GlobalHydra.instance().clear()
+    unknown = unknown_keys(cfg, OmegaConf.structured(RunConfig))
+    if unknown:  # Hydra's +key=value bypasses the schema; to_object would drop the key silently
+        raise ConfigError(
+            f"recipe {config_name}: unknown key {unknown[0]}: +key=value adds only to dict-valued keys "
+            "(e.g. +optim.lr_mult.vision=0.1); check the spelling, and set existing keys without '+'"
+        )
+    return cfg
+
+
+def unknown_keys(cfg: DictConfig, schema: DictConfig, prefix: str = "") -> list[str]:
+    """Full names of keys in ``cfg`` that the typed ``schema`` has no field for (dict-valued fields take any)."""
+    out: list[str] = []
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            out.append(name)
+            continue
+        sub, sub_schema = cfg._get_node(key), schema._get_node(key)
+        if isinstance(sub, DictConfig) and isinstance(sub_schema, DictConfig) and not sub_schema._is_none():
+            if OmegaConf.get_type(sub_schema) is not dict:
+                out += unknown_keys(sub, sub_schema, name + ".")
+    return out
 
 
 def load_run_config(
@@ -130,6 +169,7 @@ def validate_run_config(
     _validate_batch(run, world_size)
     _validate_tiles(run)
     _validate_train(run)
+    _validate_reporting(run, need_data)
     _validate_optim(run.optim)
     try:
         validate_fast_path(run, device_type)
@@ -186,6 +226,25 @@ def _validate_train(run: RunConfig) -> None:
     _check(run.logging.progress in ("auto", "on", "off"), "logging.progress must be auto, on or off")
     if c.resume not in ("none", "auto"):
         _check(Path(c.resume).is_dir(), f"checkpoint.resume={c.resume}: no such directory (or use auto/none)")
+
+
+def _validate_reporting(run: RunConfig, need_data: bool) -> None:
+    log, ev = run.logging, run.eval
+    _check(log.every >= 1 and log.print_every >= 1, "logging.every and logging.print_every must be >= 1")
+    _check(ev.every >= 0 and ev.batches >= 1, "eval.every must be >= 0 and eval.batches >= 1")
+    if need_data and ev.data_path:
+        _check(Path(ev.data_path).exists(), f"eval.data_path={ev.data_path}: no such file or directory")
+    if log.wandb:
+        _check(
+            log.wandb_mode in ("online", "offline", "disabled"),
+            f"logging.wandb_mode={log.wandb_mode!r} must be online, offline or disabled",
+        )
+        import importlib.util
+
+        _check(
+            importlib.util.find_spec("wandb") is not None,
+            "logging.wandb=true needs the wandb package: pip install 'mllm[wandb]' (or set logging.wandb=false)",
+        )
 
 
 def _validate_optim(o: OptimConfig) -> None:

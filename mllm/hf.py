@@ -15,6 +15,7 @@ import torch
 from mllm import checkpoint_io
 from mllm.convert import core
 from mllm.convert.files import DEFAULT_MAX_SHARD_SIZE
+from mllm.convert.processor import ImageSettings
 from mllm.model.config import ModelConfig
 from mllm.model.internvl import InternVLModel, build_model
 
@@ -46,9 +47,10 @@ def save(
     format: str = "native",  # noqa: A002 (mirrors the CLI's --format)
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     tokenizer_dir: str | os.PathLike | None = None,
+    image: ImageSettings | None = None,
 ) -> Path:
     """Write ``model`` as ``format`` ('native', 'internvl_chat' or 'transformers'); tokenizer files copied from
-    ``tokenizer_dir`` when given."""
+    ``tokenizer_dir`` when given (transformers: with processor files, ``image`` = the tiling limits)."""
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; supported: {', '.join(FORMATS)}")
     sd = {k: v.detach() for k, v in model.state_dict().items()}
@@ -57,4 +59,4 @@ def save(
 
         extra = tokenizer_files(Path(tokenizer_dir)) if tokenizer_dir else {}
         return checkpoint_io.save_native(sd, model.cfg, out_dir, extra_files=extra)
-    return core.write_hf(sd, model.cfg, out_dir, format, max_shard_size, tokenizer_dir)
+    return core.write_hf(sd, model.cfg, out_dir, format, max_shard_size, tokenizer_dir, image)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mllm.convert.demo_roundtrip import roundtrip_report
+from demo.roundtrip import roundtrip_report
 
 pytest.importorskip("transformers")
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from demo.hf import load_checkpoint_model, our_logits, transformers_logits
+from demo.run import DemoOptions, main, run_demo
+from demo.train import RECIPE, recipe_overrides
 from mllm.config import load_run_config
 from mllm.data.loader import PackedLoader
-from mllm.demo import DemoOptions, main, run_demo
-from mllm.demo_hf import load_checkpoint_model, our_logits, transformers_logits
-from mllm.demo_train import RECIPE, recipe_overrides
 from mllm.model.loss import reference_loss
 from mllm.train.data import batch_to_dict
 
@@ -44,7 +44,7 @@ def test_losses_finite_and_resume_continues_after_checkpoint(demo):
     assert all(math.isfinite(x) for x in result.train.losses + result.resumed.losses)
     assert result.checkpoint_step == STEPS == result.resumed.resumed_from_step
     assert [r["step"] for r in result.resumed.records] == list(range(STEPS + 1, STEPS + RESUME_STEPS + 1))
-    # metrics.jsonl reads as one run: cut back to the checkpoint on resume, then continued
+    # metrics.jsonl is appended: the resumed run continues after the checkpoint step, nothing is lost
     logged = [json.loads(x)["step"] for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, STEPS + RESUME_STEPS + 1))
     assert any(f"at step {STEPS}" in line for line in lines)  # the trainer's "resumed from" line was shown
@@ -115,7 +115,7 @@ def test_bad_arguments_exit_with_one_line(capsys):
 
 
 def test_failure_reason_is_the_workers_error_not_torchruns():
-    from mllm.demo_train import last_error_line
+    from demo.train import last_error_line
 
     out = "step 1\nTraceback (most recent call last):\n  File 'x'\nValueError: data.path is empty\n"
     out += "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n====\n"

@@ -21,6 +21,7 @@ from mllm import checkpoint_io
 from mllm.convert import files, internvl_chat, peft_adapter, transformers_native
 from mllm.convert.errors import CheckpointError, name_a_few
 from mllm.convert.lazy import LazyStateDict, SafetensorsSource, TensorMapper, map_lazily, shapes_of
+from mllm.convert.processor import ImageSettings, image_settings_of, processor_files
 from mllm.convert.shapes import expected_shapes
 from mllm.convert.text_config import text_arch, text_config_to_ours
 from mllm.convert.trainer_checkpoint import is_trainer_checkpoint, read_trainer_checkpoint, tokenizer_dir_of
@@ -181,8 +182,10 @@ def write_hf(
     fmt: str,
     max_shard_size: str | int = files.DEFAULT_MAX_SHARD_SIZE,
     tokenizer_dir: str | os.PathLike | None = None,
+    image: ImageSettings | None = None,
 ) -> Path:
-    """Write an HF directory (weights, config.json, generation_config.json, tokenizer files) atomically."""
+    """Write an HF directory (weights, config.json, generation_config.json, tokenizer files) atomically; the
+    transformers format also gets the processor files (``mllm.convert.processor``; ``image``: tiling limits)."""
     if fmt not in HF_FORMATS:
         raise CheckpointError(f"unknown export format {fmt!r}; supported: {', '.join(HF_FORMATS)}")
     module = HF_FORMATS[fmt]
@@ -204,6 +207,9 @@ def write_hf(
         files.write_json(tmp / files.GENERATION_CONFIG_FILE, gen)
         for name, path in (files.tokenizer_files(src) if src else {}).items():
             (tmp / name).write_bytes(path.read_bytes())
+        if fmt == "transformers" and src is not None:
+            for name, text in processor_files(cfg, src, image or image_settings_of(src)).items():
+                (tmp / name).write_text(text)
     return Path(out_dir)
 
 
@@ -253,9 +259,10 @@ def export_hf(
     tokenizer_dir: str | os.PathLike | None = ckpt_dir
     if detect_format(ckpt_dir) == "trainer":
         tokenizer_dir = tokenizer_dir_of(ckpt_dir)
+    image = image_settings_of(Path(ckpt_dir))  # the run's tiling limits (trainer) or the source processor's
     sd = _cast(sd, dtype)
     if adapter_dir is None:
-        return write_hf(sd, cfg, out_dir, fmt, max_shard_size, tokenizer_dir=tokenizer_dir)
+        return write_hf(sd, cfg, out_dir, fmt, max_shard_size, tokenizer_dir, image)
     if fmt != "transformers":
         raise CheckpointError(
             f"--adapter writes a PEFT adapter for the transformers-native model; use --format transformers, not {fmt}"
@@ -263,7 +270,7 @@ def export_hf(
     if not cfg.lora.enabled:
         raise CheckpointError(f"{ckpt_dir}: --adapter given but the checkpoint has no LoRA adapters")
     base_sd, base_cfg = without_adapters(sd, cfg)
-    out = write_hf(base_sd, base_cfg, out_dir, fmt, max_shard_size, tokenizer_dir=tokenizer_dir)
+    out = write_hf(base_sd, base_cfg, out_dir, fmt, max_shard_size, tokenizer_dir, image)
     peft_adapter.write_adapter(sd, cfg.lora, adapter_dir, str(Path(out_dir).resolve()))
     return out
 

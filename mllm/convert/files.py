@@ -158,15 +158,20 @@ def added_token_id(src_dir: Path, token: str) -> int | None:
 
 
 def generation_config(src_dir: Path | None, bos: int | None, eos: int | None) -> dict[str, Any]:
-    """The source's generation_config.json (if any) with missing ids filled in: eos = <|im_end|> when the
-    tokenizer has it (chat turns end there), else the text config's eos; a source's own eos is kept."""
+    """The source's generation_config.json (if any) with missing ids filled in. eos: <|im_end|> first when the
+    tokenizer has it (chat turns end there, so ``generate`` stops at the end of the answer), then the source's
+    own eos ids; the text config's eos only when neither exists."""
     out: dict[str, Any] = {}
     if src_dir is not None and (src_dir / GENERATION_CONFIG_FILE).is_file():
         out = read_json(src_dir / GENERATION_CONFIG_FILE, "a generation config")
     im_end = added_token_id(src_dir, "<|im_end|>") if src_dir is not None else None
-    eos_id = im_end if im_end is not None else eos
     if out.get("bos_token_id") is None and bos is not None:
         out["bos_token_id"] = bos
-    if out.get("eos_token_id") is None and eos_id is not None:
-        out["eos_token_id"] = eos_id
+    own = out.get("eos_token_id")
+    own = [] if own is None else own if isinstance(own, list) else [own]
+    ids = list(dict.fromkeys(([im_end] if im_end is not None else []) + own)) or (
+        [eos] if eos is not None else []
+    )
+    if ids:
+        out["eos_token_id"] = ids[0] if len(ids) == 1 else ids
     return out

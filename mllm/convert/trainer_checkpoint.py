@@ -40,7 +40,7 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
     if not file.is_file():
         raise CheckpointError(
             f"{file} not found: this checkpoint predates recorded model configs; load it with "
-            "mllm.demo_hf.load_checkpoint_model(path, run.model) and the run's recipe"
+            "mllm.convert.trainer_checkpoint.read_trainer_checkpoint(path, run.model) and the run's recipe"
         )
     return checkpoint_io.config_from_dict(json.loads(file.read_text()), str(file))
 

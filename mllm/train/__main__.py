@@ -14,11 +14,19 @@ import sys
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="python -m mllm.train", description=__doc__.split("\n")[0])
     p.add_argument("--config-name", "-cn", required=True, help="a recipe in recipes/ (e.g. tiny_sft)")
-    p.add_argument("--config-dir", "-cd", default=None, help="another recipe directory")
+    p.add_argument(
+        "--config-dir", "-cd", default=None, help="your own recipe directory, searched before the bundled one"
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="layout, memory and FLOPs on the meta device; no model"
     )
-    p.add_argument("--cfg", action="store_true", help="print the composed config and exit")
+    p.add_argument(
+        "--cfg",
+        nargs="?",
+        const="job",
+        choices=("job", "all"),
+        help="print the resolved, validated config (Hydra's --cfg job) and exit",
+    )
     p.add_argument(
         "--gpu-memory", type=float, default=None, metavar="GIB", help="dry run: GPU memory per rank"
     )
@@ -35,16 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     from mllm.config import ConfigError, load_run_config, to_yaml, validate_run_config
     from mllm.train.fast_path import FastPathError
+    from mllm.train.rundir import check_run_dir, run_training_cli
     from mllm.train.setup import world_size_from_env
 
     try:
         run = load_run_config(args.config_name, overrides, args.config_dir)
         if args.dry_run:
             run.train.dry_run = True
-        if args.cfg:
-            print(to_yaml(run))
-            return 0
-        if run.train.dry_run:
+        run.logging.run_name = run.logging.run_name or args.config_name
+        if run.train.dry_run or args.cfg:
             from mllm.train.dry_run import dry_run_world_size, print_dry_run
 
             world = dry_run_world_size(run)
@@ -58,23 +65,21 @@ def main(argv: list[str] | None = None) -> int:
             # The dry run plans the target machine's run: GPU fast-path keys are fine on a laptop.
             device = "cpu" if run.train.device == "cpu" else "cuda"
             validate_run_config(run, world, need_data=False, device_type=device)
-            print_dry_run(run, world, memory, args.json)
+            if args.cfg:
+                print(to_yaml(run))
+            else:
+                print_dry_run(run, world, memory, args.json)
             return 0
         _auto_layout(run, world_size_from_env(), None)
         validate_run_config(run, world_size_from_env())  # the fast-path keys and data files too
+        check_run_dir(run)
     except (ConfigError, FastPathError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # the same line on every rank: print it once
+            print(f"error: {exc}", file=sys.stderr)
         return 2
-    from mllm.data.badsamples import DataQualityError
     from mllm.train.run import run_training
 
-    try:
-        run_training(run)
-    except DataQualityError as exc:  # raised on every rank at the same step: one line, from rank 0
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {exc}", file=sys.stderr)
-        return 3
-    return 0
+    return run_training_cli(run, run_training)
 
 
 def _auto_layout(run, world: int, memory: float | None) -> None:

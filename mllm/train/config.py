@@ -84,6 +84,21 @@ class LoggingConfig:
     tensorboard: bool = True
     progress: str = "auto"  # "auto" (only on a terminal) | "on" | "off"
     peak_tflops: float = 0.0  # per-device peak for MFU; 0: from the device name (0 on CPU)
+    run_name: str = ""  # shown in the banner and used as the W&B run name; default: the recipe's name
+    print_every: int = 10  # a console line every N steps (and at the last step), terminal or not
+    wandb: bool = False  # also log to Weights & Biases (`pip install 'mllm[wandb]'`)
+    wandb_project: str = "mllm"
+    wandb_mode: str = "online"  # "online" | "offline" (no network; `wandb sync` later) | "disabled"
+
+
+@dataclass
+class EvalConfig:
+    """Validation loss over a fixed held-out set (``mllm.train.validation``); off unless data_path is set."""
+
+    data_path: str | None = None  # a meta JSON or a prepared shard directory, read like data.path
+    every: int = 0  # evaluate every N steps (0 with a data_path: only after the last step)
+    batches: int = 8  # packed micro-batches (data.micro_batch_size rows each) in the held-out set
+    per_dataset: bool = True  # also val_loss/<dataset> (one forward+backward pass per dataset instead of one)
 
 
 @dataclass
@@ -96,6 +111,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     fp8: FP8Config = field(default_factory=FP8Config)  # FP8 training (mllm.kernels.fp8 / TE recipes)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)  # lora.vision / lora.llm = rank; becomes model.lora
 
     def __post_init__(self) -> None:

@@ -1,7 +1,9 @@
-"""Per-step metrics from rank 0: ``RUN_DIR/metrics.jsonl``, TensorBoard events and a progress bar with ETA.
+"""Per-step metrics from rank 0: ``RUN_DIR/metrics.jsonl``, TensorBoard events, optionally Weights & Biases,
+and the console (``mllm.train.console``: banner, a line every N steps, a progress bar on a terminal).
 
-One JSON object per step with the fields in ``STEP_FIELDS``. On resume the file is cut back to the resumed
-step so it always reads as one run (steps strictly increasing), whatever crashes happened before.
+One JSON object per step with the fields in ``STEP_FIELDS`` (plus ``val_loss`` records from validation). The
+file is only ever appended: after a resume from an earlier checkpoint the steps after it appear again, and the
+last record of a step is the one that counts (``latest_per_step``).
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ from __future__ import annotations
 import json
 import math
 import resource
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from mllm.train.console import Console
 
 STEP_FIELDS = (
     "step",
@@ -46,14 +49,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep only the records with ``step <= last_step`` (called on resume)."""
-    if not path.is_file():
-        return
-    kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    tmp.replace(path)
+def latest_per_step(records: list[dict[str, Any]], key: str = "loss") -> list[dict[str, Any]]:
+    """The records that carry ``key``, one per step (the last one written wins), in step order."""
+    by_step = {int(r["step"]): r for r in records if key in r}
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def _jsonable(value: Any) -> Any:
@@ -75,60 +74,65 @@ class MetricsLogger:
         start_step: int = 0,
         tensorboard: bool = True,
         progress: str = "auto",
+        print_every: int = 10,
+        wandb_run: Any = None,
     ) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.console = Console(enabled, total_steps, start_step, print_every, progress)
+        self.records: list[dict[str, Any]] = []  # this invocation's step records (for the summary)
         self._file = None
         self._tb = None
-        self._bar = None
+        self._wandb = wandb_run
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(self.path, start_step)
-        self._file = open(self.path, "a")
+        self._file = open(self.path, "a")  # appended, never truncated: nothing written before is lost
         if tensorboard:
             self._tb = _open_tensorboard(Path(run_dir) / "tensorboard")
-        if progress == "on" or (progress == "auto" and sys.stderr.isatty()):
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def log_step(self, record: dict[str, Any], extra: dict[str, float] | None = None) -> None:
-        """Append one step record (fields of ``STEP_FIELDS``); ``extra`` goes to TensorBoard only."""
+        """Append one step record (fields of ``STEP_FIELDS``); ``extra`` goes to TensorBoard/W&B only."""
         if not self.enabled:
             return
-        loss = record.get("loss", float("nan"))
+        self.records.append(record)
+        self.write(record, "train", extra)
+        self.console.step(record)
+
+    def write(self, record: dict[str, Any], section: str, extra: dict[str, float] | None = None) -> None:
+        """One record to metrics.jsonl, and its numbers to TensorBoard/W&B under ``section/``."""
+        if not self.enabled:
+            return
         record = {k: _jsonable(v) for k, v in record.items()}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         step = int(record["step"])
+        scalars = {
+            (f"{section}/{k}" if section and "/" not in k else k): v
+            for k, v in {**record, **(extra or {})}.items()
+            if k != "step" and isinstance(v, (int, float))
+        }
         if self._tb is not None:
-            for key, value in {**record, **(extra or {})}.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"train/{key}" if "/" not in key else key, value, step)
-        if self._bar is not None:
-            self._bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
-            self._bar.update(1)
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
 
     def message(self, text: str) -> None:
         """A line for the user, above the progress bar when there is one."""
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.write(text)
-        else:
-            print(text, flush=True)
+        self.console.say(text)
 
     def close(self) -> None:
+        self.console.close()
         if self._file is not None:
             self._file.close()
             self._file = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 def _open_tensorboard(path: Path):

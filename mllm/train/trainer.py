@@ -32,8 +32,9 @@ from mllm.train.config import RunConfig
 from mllm.train.export import checkpoint_config_files
 from mllm.train.fast_path import apply_fast_path, forward_context, fp8_amax_group, validate_fast_path
 from mllm.train.flops import TrainedParts, peak_tflops_for, step_flops
-from mllm.train.metrics import MetricsLogger, peak_memory_gib
+from mllm.train.metrics import peak_memory_gib
 from mllm.train.optim import LRSchedule, build_adamw, build_param_groups, build_sharded_adamw
+from mllm.train.reporting import RunReporter
 from mllm.train.setup import compute_dtype, load_initial_state, rank_seed, resolve_device, seed_everything
 from parallel.mesh import ParallelMesh, build_mesh
 from parallel.model import ParallelModel, parallelize
@@ -167,18 +168,9 @@ class Trainer:
         resume_from = resolve_resume(run.checkpoint.resume, self.ckpt.root)
         if resume_from is not None:
             self.resume(resume_from)
-        logger = MetricsLogger(
-            self.run_dir,
-            self.rank == 0,
-            run.train.steps,
-            self.step,
-            run.logging.tensorboard,
-            run.logging.progress,
-        )
+        logger = RunReporter(self, resume_from)  # banner (with the resume point), metric sinks, validation
         if run.train.epochs is not None:
             logger.message(f"train.epochs={run.train.epochs}: {run.train.steps} optimizer steps")
-        if resume_from is not None:
-            logger.message(f"resumed from {resume_from} at step {self.step} ({self.mesh.describe()})")
         last_loss = float("nan")
         try:
             while self.step < run.train.steps:
@@ -190,16 +182,20 @@ class Trainer:
                     ):
                         self.save()
                     self.ckpt.finalize()
-                    return {"step": self.step, "loss": last_loss, "stopped": True}
+                    result = {"step": self.step, "loss": last_loss, "stopped": True}
+                    logger.finish(result)
+                    return result
                 record = self.train_step()
                 last_loss = record["loss"]
                 if self.step % run.logging.every == 0 or self.step == run.train.steps:
                     logger.log_step(record)
+                logger.after_step(self.step)  # validation when due
                 if run.checkpoint.every and self.step % run.checkpoint.every == 0:
                     self.save()
             if run.checkpoint.save_final and (not run.checkpoint.every or self.step % run.checkpoint.every):
                 self.save()
             self.ckpt.finalize()
+            logger.finish({"step": self.step, "loss": last_loss, "stopped": False})
         finally:
             logger.close()
         if self.rank == 0:

@@ -135,7 +135,9 @@ def test_prepare_to_s3_then_train_from_s3_shards(remote_data, s3_env, tmp_path, 
     proc = subprocess.run(cmd, cwd=ROOT, env={**env, **s3_env}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(steps) == 2 and all(s["tiles"] > 0 and s["bad_samples"] == 0 for s in steps)
+    assert len(steps) == 2 and all(
+        s["tiles"] > 0 and s["bad_samples"] == s["truncated_samples"] == 0 for s in steps
+    )
 
 
 def test_relative_paths_working_directory_first_then_meta_folder(synth_dir, tmp_path, monkeypatch):

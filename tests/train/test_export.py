@@ -17,10 +17,10 @@ from fixtures import make_row
 from scenarios import make_trainer, portable, restored, scenario_result
 
 import mllm.hf
+from demo.hf import our_logits, transformers_logits
 from mllm.convert import core
 from mllm.convert.__main__ import main as convert_main
 from mllm.convert.trainer_checkpoint import MODEL_CONFIG_FILE, RUN_CONFIG_FILE, read_model_config
-from mllm.demo_hf import our_logits, transformers_logits
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 2
@@ -95,5 +95,5 @@ def test_export_of_a_directory_without_model_config_says_how(trained, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(ckpt, old)
     (old / MODEL_CONFIG_FILE).unlink()
-    with pytest.raises(ValueError, match="model_config.json not found.*load_checkpoint_model"):
+    with pytest.raises(ValueError, match="model_config.json not found.*read_trainer_checkpoint"):
         core.read_checkpoint(old)

@@ -19,8 +19,8 @@ from fixtures import RowSource, make_row
 from scenarios import portable, restored, run_config, scenario_result
 
 import mllm.hf
+from demo.hf import our_logits, transformers_logits
 from mllm.convert import core
-from mllm.demo_hf import our_logits, transformers_logits
 from mllm.model.config import tiny_twin
 from mllm.model.internvl import build_model
 

@@ -23,8 +23,8 @@ import torch
 from scenarios import portable, restored, scenario_result
 
 import mllm.hf
+from demo.hf import our_logits, transformers_logits
 from mllm.convert import core
-from mllm.demo_hf import our_logits, transformers_logits
 from mllm.model.internvl import build_model
 from mllm.model.lora import is_adapter_name
 

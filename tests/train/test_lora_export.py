@@ -15,9 +15,9 @@ from scenarios import make_trainer, portable, restored, scenario_result
 from test_sharded_checkpoint import full_tensors
 
 import mllm.hf
+from demo.hf import our_logits, transformers_logits
 from mllm.convert import core
 from mllm.convert.__main__ import main as convert_main
-from mllm.demo_hf import our_logits, transformers_logits
 from mllm.model.lora import is_adapter_name
 from parallel.build import init_full_tensor
 

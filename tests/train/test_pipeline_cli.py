@@ -14,7 +14,7 @@ import torch
 from test_torchrun import synth  # noqa: F401  (the synthetic-data fixture)
 
 import mllm.hf
-from mllm.train.export import read_trainer_checkpoint
+from mllm.convert.trainer_checkpoint import read_trainer_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 

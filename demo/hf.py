@@ -122,3 +122,30 @@ def transformers_answer(
     )
     new = out[0, q.input_ids.shape[1] :]
     return tokenizer.decode(new, skip_special_tokens=True).strip(), len(new)
+
+
+@torch.no_grad()
+def processor_chat(
+    hf_dir: Path, image: Path, question: str, max_new_tokens: int = 24
+) -> tuple[str, torch.Tensor]:
+    """What a user of the export does: its processor renders the chat (template, tiling, image tokens) and
+    ``generate`` stops at the generation config's end token. Returns (answer, the prompt's input_ids)."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from mllm.chat import transformers_processor
+
+    processor = transformers_processor(hf_dir)
+    model = AutoModelForImageTextToText.from_pretrained(hf_dir).eval()
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": Image.open(image)}, {"type": "text", "text": question}],
+        }
+    ]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    answer = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    return answer, inputs["input_ids"]

@@ -5,7 +5,7 @@
 checkpoint to the transformers format, 5. transformers loads it (logits checked against our model) and answers a
 question about a synthetic image. Ends with a summary table; exits 1 with a one-line reason on any failure.
 
-``python -m mllm.demo [--steps 50] [--resume-steps 5] [--work-dir demo_out] [--num-samples 1000]``
+``python -m demo [--steps 50] [--resume-steps 5] [--work-dir demo_out] [--num-samples 1000]``
 """
 
 from __future__ import annotations
@@ -18,17 +18,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 import mllm.hf
-from mllm.config import load_run_config
-from mllm.data.templates import get_template
-from mllm.demo_hf import (
+from demo.hf import (
     build_question,
     load_checkpoint_model,
     our_logits,
+    processor_chat,
     transformers_answer,
     transformers_logits,
 )
-from mllm.demo_train import (
+from demo.train import (
     RECIPE,
     DemoError,
     RunResult,
@@ -39,6 +40,9 @@ from mllm.demo_train import (
     run_torchrun,
     torchrun_command,
 )
+from mllm.config import load_run_config
+from mllm.convert.processor import ImageSettings
+from mllm.data.templates import get_template
 
 TP, PP = 2, 2
 LOGITS_TOLERANCE = 1e-4
@@ -82,7 +86,11 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoResul
     say(f"[1/5] synthetic data: {opts.num_samples} samples -> {data_dir}")
     run_synth(data_dir, opts.num_samples)
 
-    base = recipe_overrides(data_dir, run_dir, TP, PP) + [f"checkpoint.every={every}", "logging.progress=off"]
+    base = recipe_overrides(data_dir, run_dir, TP, PP) + [
+        f"checkpoint.every={every}",
+        "logging.progress=off",
+        f"logging.print_every={total}",  # the demo prints its own loss lines
+    ]
     cmd = torchrun_command(TP * PP, base + [f"train.steps={opts.steps}"])
     say(f"[2/5] train {RECIPE} on {TP * PP} CPU ranks (tp{TP} x pp{PP}), {opts.steps} steps -> {run_dir}")
     say("  $ " + _shown(cmd))
@@ -118,8 +126,9 @@ def _export_and_ask(
 ) -> dict:
     """Export, load with transformers, check its logits against ours, ask one question."""
     run = load_run_config(RECIPE, recipe_overrides(data_dir, run_dir, TP, PP))
-    ours = load_checkpoint_model(ckpt, run.model)  # the path from a DCP checkpoint to HF (mllm.demo_hf)
-    mllm.hf.save(ours, hf_dir, format="transformers", tokenizer_dir=run.data.tokenizer)
+    ours = load_checkpoint_model(ckpt, run.model)  # the path from a DCP checkpoint to HF (demo.hf)
+    image = ImageSettings(run.data.min_dynamic_patch, run.data.max_dynamic_patch)  # the processor tiles alike
+    mllm.hf.save(ours, hf_dir, format="transformers", tokenizer_dir=run.data.tokenizer, image=image)
     try:
         from transformers import AutoModelForImageTextToText, AutoTokenizer
     except ImportError as e:
@@ -145,6 +154,12 @@ def _export_and_ask(
     say(f"  question {q.question}")
     say(f"  expected {q.expected}")
     say(f"  model    {answer}")
+    say("  chat through the export's own transformers processor (chat template, tiling, image tokens):")
+    chat_answer, chat_ids = processor_chat(hf_dir, q.image, q.question)
+    if not torch.equal(chat_ids, q.input_ids):
+        raise DemoError("the export's processor builds another prompt than training's tokenization")
+    say(f"  user     <image> {q.question}")
+    say(f"  model    {chat_answer}")
     return {
         "question": q.question,
         "expected": q.expected,
@@ -187,7 +202,7 @@ def summary(r: DemoResult) -> list[str]:
 
 
 def parse_args(argv: list[str] | None) -> DemoOptions:
-    p = argparse.ArgumentParser(prog="python -m mllm.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=50, help="steps of the first run (default 50)")
     p.add_argument("--resume-steps", type=int, default=5, help="steps after resuming (default 5)")
     p.add_argument("--work-dir", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
