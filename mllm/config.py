@@ -263,7 +263,7 @@ def _validate_optim(o: OptimConfig) -> None:
 def _validate_data_files(run: RunConfig) -> None:
     data = run.data
     _check(
-        Path(data.path).exists(),
+        "://" in data.path or Path(data.path).exists(),  # a URL (s3://...) is checked when the data opens
         f"data.path={data.path}: no such file or directory; set it to a meta JSON or a prepared shard directory",
     )
     _check(

@@ -23,10 +23,12 @@ REASONS = (
     "reserved_token_in_text",  # <img>, </img> or <IMG_CONTEXT> written literally in the text
     "tokenization_mismatch",  # a token straddles an answer boundary
     "no_supervised_tokens",
-    "too_long",  # longer than a packed row; image tokens are never truncated
+    "too_long",  # longer than a packed row and data.too_long=reject, or a cut would fall in an image's tokens
     "too_many_tiles",  # more tiles than a row may hold
     "missing_image",
     "corrupt_image",  # unreadable, truncated or not an image
+    "missing_video",
+    "corrupt_video",  # no decodable frames, unknown container
     "unreadable_shard",
 )
 
@@ -48,8 +50,12 @@ class BadSampleCounter:
         self.seen: Counter[str] = Counter()
         self.bad: dict[str, Counter[str]] = {}
         self.examples: dict[str, str] = {}  # dataset -> one example "key: reason (detail)"
+        self.truncated: Counter[str] = Counter()  # samples cut to seq_len (kept, not rejections)
         # Per dataset: its last `window` samples as [stream position, rejected] (the failure rule's window).
         self.recent: dict[str, deque] = {}
+
+    def record_truncated(self, dataset: str) -> None:
+        self.truncated[dataset] += 1
 
     def _remember(self, dataset: str, pos: int | None, bad: bool, late: bool = False) -> None:
         recent = self.recent.setdefault(dataset, deque(maxlen=self.window))
@@ -98,6 +104,10 @@ class BadSampleCounter:
         return sum(sum(c.values()) for c in self.bad.values())
 
     @property
+    def num_truncated(self) -> int:
+        return sum(self.truncated.values())
+
+    @property
     def bad_fraction(self) -> float:
         return self.num_bad / self.num_seen if self.num_seen else 0.0
 
@@ -112,6 +122,8 @@ class BadSampleCounter:
         """Flat metrics for the trainer's logger."""
         out: dict[str, float] = {"data/bad_fraction": self.bad_fraction, "data/seen": float(self.num_seen)}
         out.update({f"data/bad/{reason}": float(n) for reason, n in self.counts().items()})
+        if self.truncated:
+            out["data/truncated"] = float(self.num_truncated)
         return out
 
     def check(self) -> None:
@@ -136,6 +148,7 @@ class BadSampleCounter:
             "seen": dict(self.seen),
             "bad": {d: dict(c) for d, c in self.bad.items()},
             "examples": dict(self.examples),
+            "truncated": dict(self.truncated),
             "recent": {d: [list(e) for e in r] for d, r in self.recent.items()},
         }
 
@@ -143,6 +156,7 @@ class BadSampleCounter:
         self.seen = Counter(state["seen"])
         self.bad = {d: Counter(c) for d, c in state["bad"].items()}
         self.examples = dict(state["examples"])
+        self.truncated = Counter(state.get("truncated", {}))
         self.recent = {
             d: deque(([p, bool(b)] for p, b in r), maxlen=self.window)
             for d, r in state.get("recent", {}).items()

@@ -26,6 +26,12 @@ class DataConfig:
     tile_size: int = 448
     # LLM tokens per tile (256 for 448 px tiles with pixel-shuffle 0.5); tiny test models use fewer.
     num_image_token: int = 256
+    # Video records (InternVL's min_num_frame / max_num_frame): frames drawn per sample, one tile each.
+    min_num_frame: int = 8
+    max_num_frame: int = 32
+    # Samples longer than seq_len: "truncate" (InternVL's tokenizer truncation; a cut inside an image's tokens
+    # rejects the sample) or "reject". Counted either way (data/truncated, data/bad/too_long).
+    too_long: str = "truncate"
     # Reduced-size JPEG decode (draft mode) when the tiling target is much smaller than the image.
     fast_decode: bool = True
     # Randomness and streaming.
@@ -63,6 +69,12 @@ class DataConfig:
             raise ValueError("data.tile_size and data.num_image_token must be positive")
         if self.seq_len < 64 or self.micro_batch_size < 1:
             raise ValueError(f"data.seq_len={self.seq_len} must be >= 64 and data.micro_batch_size >= 1")
+        if not 1 <= self.min_num_frame <= self.max_num_frame:
+            raise ValueError(
+                f"data.min_num_frame={self.min_num_frame}, max_num_frame={self.max_num_frame}: need 1 <= min <= max"
+            )
+        if self.too_long not in ("truncate", "reject"):
+            raise ValueError(f"data.too_long={self.too_long!r}: use truncate or reject")
         if self.bad_window < 1:
             raise ValueError(f"data.bad_window={self.bad_window} must be >= 1 (samples per dataset)")
         if not 0.0 <= self.max_bad_fraction <= 1.0:

@@ -86,7 +86,8 @@ class _Step:
 
     before: dict
     after: dict
-    outcomes: list[tuple[int, str, str | None, str, str]]
+    # (position, dataset, reason or None, key, detail, truncated) of each sample consumed
+    outcomes: list[tuple[int, str, str | None, str, str, bool]]
     micro: list[tuple[list[list[Stage1Result]], list[list[Future]]]]
     samples: list[str]
 
@@ -336,7 +337,7 @@ class PackedLoader:
             self._store[k] = item
             return
         self.k_next = k + 1
-        outcomes.append((k, item.dataset, item.reason, item.key, item.detail))
+        outcomes.append((k, item.dataset, item.reason, item.key, item.detail, item.truncated))
         if item.reason is None:
             self._store[k] = item
             self.packer.add(k, item.tokens, item.tiles)
@@ -381,9 +382,11 @@ class PackedLoader:
     def _finish_step(self, step: _Step) -> None:
         """The step's last micro-batch was taken: count its stage-1 outcomes and every rank's decode-time
         rejections (the same on all ranks), check the bad-sample rule, and move the state past it."""
-        for pos, dataset, reason, key, detail in step.outcomes:
+        for pos, dataset, reason, key, detail, truncated in step.outcomes:
             if reason is None:
                 self.bad_samples.record_ok(dataset, pos)
+                if truncated:
+                    self.bad_samples.record_truncated(dataset)
             else:
                 self.bad_samples.record_bad(dataset, reason, key, detail, pos=pos)
         shared, self._rejections = self.exchange(self._rejections), []

@@ -20,9 +20,10 @@ from mllm.data.augment import degrade_tiles
 from mllm.data.config import DataConfig
 from mllm.data.conversation import ConversationTokenizer, Rejected
 from mllm.data.sampling import Fetcher, SampleOrder
-from mllm.data.sources import RawSample, Source
+from mllm.data.sources import RawSample, Source, image_names, media_kind
 from mllm.data.templates import get_template
 from mllm.data.tiling import decode_tiles, num_tiles, open_image, per_image_max_tiles, select_grid
+from mllm.data.video import Video, choose_frames, video_tiles
 
 
 @dataclass
@@ -38,6 +39,9 @@ class Stage1Result:
     images: list[bytes] = field(default_factory=list)
     tile_limits: list[tuple[int, int]] = field(default_factory=list)  # (min, max) tiles per image
     tiles: int = 0
+    video: Video | None = None
+    frames: list[int] = field(default_factory=list)  # the video's sampled frame indices, one tile each
+    truncated: bool = False  # cut to seq_len (data.too_long=truncate)
 
     @property
     def tokens(self) -> int:
@@ -67,7 +71,9 @@ class SampleProcessor:
     def conv(self) -> ConversationTokenizer:
         if self._conv is None:  # loaded lazily, once per worker process
             tok = load_tokenizer(self.cfg.tokenizer)
-            self._conv = ConversationTokenizer(tok, get_template(self.cfg.template), self.cfg.num_image_token)
+            self._conv = ConversationTokenizer(
+                tok, get_template(self.cfg.template), self.cfg.num_image_token, self.cfg.too_long
+            )
         return self._conv
 
     def stage1(self, raw: RawSample, pos: int) -> Stage1Result:
@@ -77,8 +83,20 @@ class SampleProcessor:
         except Rejected as e:
             out.reason, out.detail = e.reason, e.detail
             out.input_ids = out.targets = None
-            out.images = []
+            out.images, out.video = [], None
         return out
+
+    def _video_frames(self, raw: RawSample, out: Stage1Result) -> list[int]:
+        if raw.video is None:
+            raise Rejected("missing_video", raw.video_error)
+        try:
+            frames = choose_frames(
+                raw.video, self.cfg.min_num_frame, self.cfg.max_num_frame, self.cfg.seed, out.pos
+            )
+        except Exception as e:  # noqa: BLE001 - whatever the decoder raises, the video is unusable
+            raise Rejected("corrupt_video", f"{raw.video.name}: {type(e).__name__}: {e}") from None
+        out.video, out.frames = raw.video, frames
+        return [1] * len(frames)
 
     def _stage1(self, raw: RawSample, out: Stage1Result) -> None:
         if raw.error is not None:
@@ -86,6 +104,14 @@ class SampleProcessor:
         record = raw.record or {}
         if "conversations" not in record:
             raise Rejected("bad_annotation", "record has no 'conversations'")
+        media = media_kind(record)
+        if media == "invalid":
+            raise Rejected("bad_annotation", "'image' is not a string or list, or 'video' not a string")
+        if media == "video":
+            tiles_per_image = self._video_frames(raw, out)
+            out.tiles = len(tiles_per_image)
+            self._tokenize(record, out, tiles_per_image, media)
+            return
         for data, err in zip(raw.images, raw.image_errors):
             if data is None:
                 raise Rejected("missing_image", err)
@@ -93,27 +119,42 @@ class SampleProcessor:
         budget = per_image_max_tiles(self.max_tiles[raw.dataset], len(raw.images))
         lo = min(cfg.min_dynamic_patch, budget)
         tiles_per_image = []
-        for data in raw.images:
+        for name, data in zip(image_names(record), raw.images):
             try:
                 width, height = open_image(data).size
             except Exception as e:  # noqa: BLE001 - whatever PIL raises, the image is unusable
-                raise Rejected("corrupt_image", f"{type(e).__name__}: {e}") from None
+                raise Rejected("corrupt_image", f"{name}: {type(e).__name__}: {e}") from None
             grid = select_grid(width, height, lo, budget, cfg.tile_size)
             tiles_per_image.append(num_tiles(grid, cfg.use_thumbnail))
         out.tiles = sum(tiles_per_image)
-        if out.tiles > cfg.max_tiles_per_row:
-            raise Rejected("too_many_tiles", f"{out.tiles} tiles > max_tiles_per_row {cfg.max_tiles_per_row}")
-        tokenized = self.conv(record["conversations"], tiles_per_image, max_len=cfg.seq_len)
-        out.input_ids, out.targets = tokenized.input_ids, tokenized.targets
+        self._tokenize(record, out, tiles_per_image, media)
         out.images = list(raw.images)
         out.tile_limits = [(lo, budget)] * len(raw.images)
+
+    def _tokenize(
+        self, record: dict, out: Stage1Result, tiles_per_image: list[int], media: str | None
+    ) -> None:
+        if out.tiles > self.cfg.max_tiles_per_row:
+            raise Rejected(
+                "too_many_tiles", f"{out.tiles} tiles > max_tiles_per_row {self.cfg.max_tiles_per_row}"
+            )
+        tokenized = self.conv(record["conversations"], tiles_per_image, self.cfg.seq_len, media)
+        out.input_ids, out.targets = tokenized.input_ids, tokenized.targets
+        out.truncated = tokenized.truncated
 
     def stage2(self, item: Stage1Result) -> np.ndarray:
         """Decode and tile the sample's images -> uint8 [tiles, 3, T, T]; Rejected on a bad image."""
         cfg = self.cfg
+        augment = self.augment.get(item.dataset, False)
+        if item.video is not None:
+            try:
+                tiles = video_tiles(item.video, item.frames, cfg.tile_size, cfg.fast_decode)
+            except Exception as e:  # noqa: BLE001 - a frame that does not decode
+                raise Rejected("corrupt_video", f"{type(e).__name__}: {e}") from None
+            # InternVL's video transform is the same per-tile build_transform(is_train=data_augment)
+            return degrade_tiles(tiles, cfg.seed, item.pos, 0) if augment else tiles
         if not item.images:
             return np.zeros((0, 3, cfg.tile_size, cfg.tile_size), dtype=np.uint8)
-        augment = self.augment.get(item.dataset, False)
         parts = []
         for i, (data, (lo, hi)) in enumerate(zip(item.images, item.tile_limits)):
             try:

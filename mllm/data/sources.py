@@ -11,10 +11,12 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import webdataset as wds
+
+from mllm.data import storage
+from mllm.data.video import Video
 
 log = logging.getLogger("mllm.data")
 
@@ -31,6 +33,8 @@ class RawSample:
     images: list[bytes | None] = field(default_factory=list)  # encoded bytes, None if missing
     image_errors: list[str] = field(default_factory=list)
     error: tuple[str, str] | None = None  # (reason, detail) when the whole sample is unusable
+    video: Video | None = None
+    video_error: str = ""
 
 
 @dataclass
@@ -44,6 +48,19 @@ class DatasetSpec:
     data_augment: bool = False
     max_dynamic_patch: int | None = None
     length: int | None = None
+
+
+def resolve(value: str, meta_path: str) -> tuple[str | None, list[str]]:
+    """A meta entry's `root`/`annotation` -> (the first existing candidate or None, every candidate looked at).
+
+    URLs and absolute paths are used as they are. A relative path is looked up in the working directory first
+    (InternVL's rule: its metas are written for the folder training starts in), then in the meta file's folder.
+    """
+    if storage.is_url(value) or os.path.isabs(value):
+        return value, [value]
+    candidates = [os.path.abspath(value), storage.join(storage.parent(str(meta_path)), value)]
+    candidates = list(dict.fromkeys(candidates))
+    return next((c for c in candidates if storage.exists(c)), None), candidates
 
 
 # Keys of a meta JSON entry we read; InternVL's own training ignores `length` too.
@@ -70,16 +87,12 @@ def subset_size(num_lines: int, fraction: float) -> int:
     return num_lines if fraction >= 1 else int(num_lines * fraction)
 
 
-def _resolve(base: Path, p: str) -> str:
-    return p if os.path.isabs(p) else str((base / p).resolve())
-
-
 def load_meta(path: str | os.PathLike) -> list[DatasetSpec]:
-    """Read InternVL's meta JSON; relative root/annotation paths are taken from the meta file's folder."""
-    path = Path(path)
+    """Read InternVL's meta JSON (a local path or a URL); relative paths as `resolve` says."""
+    path = str(path)
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        meta = json.loads(storage.read_text(path))
+    except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read meta JSON ({e}); give a valid InternVL meta file") from e
     if not isinstance(meta, dict) or not meta:
         raise ValueError(f"{path}: meta JSON must be a non-empty object {{name: {{root, annotation, ...}}}}")
@@ -100,11 +113,19 @@ def load_meta(path: str | os.PathLike) -> list[DatasetSpec]:
         repeat = float(entry.get("repeat_time", 1.0))
         repeat_parts(repeat, f"{path}: dataset {name!r}")
         mdp = entry.get("max_dynamic_patch")
+        annotation, looked = resolve(entry["annotation"], path)
+        if annotation is None:
+            raise ValueError(
+                f"{path}: dataset {name!r}: annotation {entry['annotation']!r} not found; looked at "
+                f"{' and '.join(looked)} (relative paths: working directory first, as InternVL, then the meta "
+                "file's folder)"
+            )
+        root, looked = resolve(entry["root"], path)
         specs.append(
             DatasetSpec(
                 name=name,
-                root=_resolve(path.parent, entry["root"]),
-                annotation=_resolve(path.parent, entry["annotation"]),
+                root=root if root is not None else looked[0],
+                annotation=annotation,
                 repeat_time=repeat,
                 data_augment=bool(entry.get("data_augment", False)),
                 max_dynamic_patch=int(mdp) if mdp is not None else None,
@@ -115,11 +136,35 @@ def load_meta(path: str | os.PathLike) -> list[DatasetSpec]:
 
 
 def image_names(record: dict) -> list[str]:
-    """The record's image paths: `image` may be a string, a list, or absent (text-only)."""
+    """The record's image paths: `image` may be a string, a list, or absent/empty (text-only, as InternVL)."""
     image = record.get("image")
-    if image is None:
-        return []
-    return [image] if isinstance(image, str) else list(image)
+    if isinstance(image, str):
+        return [image] if image else []
+    return [str(i) for i in image] if isinstance(image, list) else []
+
+
+def media_kind(record: dict) -> str | None:
+    """How the record carries pixels, in InternVL's __getitem__ order: "image" (one, as a string), "images" (a
+    list), "video", None (text), or "invalid" (an `image`/`video` value of another type, rejected)."""
+    image, video = record.get("image"), record.get("video")
+    if image:
+        return "image" if isinstance(image, str) else "images" if isinstance(image, list) else "invalid"
+    if video:
+        return "video" if isinstance(video, str) else "invalid"
+    return None
+
+
+def load_video(sample: RawSample, root: str, record: dict) -> None:
+    name = str(record["video"])
+    try:
+        sample.video = Video.from_path(name, storage.join(root, name), video_clip(record))
+    except Exception as e:  # noqa: BLE001 - missing file, permission, remote error: the sample is rejected
+        sample.video_error = f"{name}: {getattr(e, 'strerror', None) or e}"
+
+
+def video_clip(record: dict) -> tuple[float, float] | None:
+    clip = record.get("clip")
+    return (float(clip[0]), float(clip[1])) if clip else None
 
 
 def parse_line(line: str) -> tuple[dict | None, tuple[str, str] | None]:
@@ -164,8 +209,7 @@ class JsonlSource(Source):
         self.max_dynamic_patch = spec.max_dynamic_patch
         self.data_augment = spec.data_augment
         try:
-            with open(spec.annotation, encoding="utf-8") as f:
-                lines = f.read().splitlines()
+            lines = storage.read_text(spec.annotation).splitlines()
         except OSError as e:
             raise ValueError(f"dataset {spec.name!r}: cannot read annotation {spec.annotation} ({e})") from e
         lines = lines[: subset_size(len(lines), repeat_parts(spec.repeat_time, spec.name)[0])]
@@ -186,14 +230,16 @@ class JsonlSource(Source):
             yield idx, sample
 
     def _load_images(self, sample: RawSample, record: dict) -> None:
+        if media_kind(record) == "video":
+            load_video(sample, self.spec.root, record)
+            return
         for name in image_names(record):
             try:
-                with open(os.path.join(self.spec.root, name), "rb") as f:
-                    sample.images.append(f.read())
+                sample.images.append(storage.read_bytes(storage.join(self.spec.root, name)))
                 sample.image_errors.append("")
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - missing file, permission, remote error: rejected later
                 sample.images.append(None)
-                sample.image_errors.append(f"{name}: {e.strerror or e}")
+                sample.image_errors.append(f"{name}: {getattr(e, 'strerror', None) or e}")
 
 
 def sample_key(dataset: str, line: int) -> str:
@@ -208,7 +254,7 @@ def _raise(exc: Exception) -> bool:
 class ShardSource(Source):
     """A dataset prepared as webdataset tar shards (see shards.prepare); streamed with webdataset."""
 
-    def __init__(self, root: Path, name: str, entry: dict) -> None:
+    def __init__(self, root: str, name: str, entry: dict) -> None:
         self.root = root
         self.name = name
         self.repeat_time = float(entry.get("repeat_time", 1.0))
@@ -216,11 +262,11 @@ class ShardSource(Source):
         self.data_augment = bool(entry.get("data_augment", False))
         self.shards = [s["path"] for s in entry["shards"]]
         self.unit_counts = [int(s["count"]) for s in entry["shards"]]
-        fraction = repeat_parts(self.repeat_time, f"{root / INDEX_NAME}: dataset {name!r}")[0]
+        fraction = repeat_parts(self.repeat_time, f"{storage.join(root, INDEX_NAME)}: dataset {name!r}")[0]
         if fraction < 1:
             if "lines" not in entry:
                 raise ValueError(
-                    f"{root / INDEX_NAME}: shards predate repeat_time < 1 support; re-run prepare"
+                    f"{storage.join(root, INDEX_NAME)}: shards predate repeat_time < 1 support; re-run prepare"
                 )
             self._keep_first_lines(entry["shards"], subset_size(int(entry["lines"]), fraction))
 
@@ -239,11 +285,13 @@ class ShardSource(Source):
         self.unit_counts = kept
 
     def read_unit(self, unit: int) -> Iterator[tuple[int, RawSample]]:
-        path = str(self.root / self.shards[unit])
+        path = storage.join(self.root, self.shards[unit])
         try:
-            stream = wds.tariterators.tarfile_samples([{"url": path}], handler=_raise)
-            for idx, item in zip(range(self.unit_counts[unit]), stream):
-                yield idx, self._to_sample(item)
+            with storage.open_binary(path) as f:
+                files = wds.tariterators.tar_file_expander([{"url": path, "stream": f}], handler=_raise)
+                samples = wds.tariterators.group_by_keys(files, handler=_raise)
+                for idx, item in zip(range(self.unit_counts[unit]), samples):
+                    yield idx, self._to_sample(item)
         except Exception as e:  # noqa: BLE001 - any failure of a shard is counted, never fatal
             log.warning("shard %s unreadable after some samples: %s", path, e)
 
@@ -251,7 +299,14 @@ class ShardSource(Source):
         key = sample_key(self.name, int(item["__key__"]))
         record, error = parse_line(item.get("json", b"").decode("utf-8", "replace"))
         sample = RawSample(self.name, key, record, error=error)
-        if record is not None:
+        if record is not None and media_kind(record) == "video":
+            frames = sorted(k for k in item if k.startswith("vfr"))
+            data = [item[k] for k in frames] or [v for k, v in item.items() if k.startswith("video.")]
+            name = str(record["video"])
+            kind = "frames" if frames else "gif" if name.lower().endswith(".gif") else "container"
+            sample.video = Video(name, kind, data, video_clip(record)) if data else None
+            sample.video_error = "" if data else f"{name}: not in shard"
+        elif record is not None:
             for i, name in enumerate(image_names(record)):
                 data = item.get(f"img{i}{os.path.splitext(name)[1].lower()}")
                 sample.images.append(data)
@@ -260,13 +315,13 @@ class ShardSource(Source):
 
 
 def open_sources(path: str | os.PathLike) -> list[Source]:
-    """Open a meta JSON (read directly) or a prepared shard directory (index.json)."""
-    path = Path(path)
-    if path.is_dir():
-        index_path = path / INDEX_NAME
-        if not index_path.exists():
+    """Open a meta JSON (read directly) or a prepared shard directory (index.json); local or URL."""
+    path = str(path)
+    if storage.is_dir(path):
+        index_path = storage.join(path, INDEX_NAME)
+        if not storage.exists(index_path):
             raise ValueError(f"{path}: no {INDEX_NAME}; run `python -m mllm.data prepare META.json {path}`")
-        index = json.loads(index_path.read_text())
+        index = json.loads(storage.read_text(index_path))
         if index.get("format") != INDEX_FORMAT:
             raise ValueError(
                 f"{index_path}: format {index.get('format')!r} != {INDEX_FORMAT}; re-run prepare"

@@ -1,4 +1,11 @@
-"""InternVL's conversation templates (MPT separator style) rendered into supervised / unsupervised pieces."""
+"""InternVL's conversation templates (MPT separator style) rendered into supervised / unsupervised pieces.
+
+Each template also carries the conversation rules of the InternVL preprocessing function it is trained with
+(`internvl_chat/internvl/train/dataset.py`, chosen by `LazySupervisedDataset.get_preprocess_function`):
+internlm2-chat -> `preprocess_internlm` (strips every turn), Hermes-2 -> `preprocess_mpt`, phi3-chat ->
+`preprocess_phi3`, internvl2_5 -> `preprocess_internvl2_5` (no stripping, any human/gpt order, a leading gpt turn
+is trained). The first three drop a leading gpt turn and need human/gpt alternation.
+"""
 
 from __future__ import annotations
 
@@ -16,14 +23,18 @@ class Template:
     user_role: str
     assistant_role: str
     sep: str
+    strip_turns: bool = False  # preprocess_internlm strips every turn's text; the others keep it verbatim
+    free_turn_order: bool = False  # preprocess_internvl2_5: turns in any order, a first gpt turn is trained
 
     def pieces(
         self, turns: list[tuple[str, str]], system_message: str | None = None
     ) -> list[tuple[str, bool]]:
         """Render (role, text) turns to (text, supervised) pieces; concatenated they are the prompt.
 
-        MPT style: system + sep, then role + message + sep per turn. The assistant's answer and its end token
-        are supervised; a newline after the end token (internvl2_5's "<|im_end|>\n") is not, as in InternVL.
+        MPT style: system + sep, then role + message + sep per turn (InternVL's `Conversation.get_prompt`, where
+        an empty message renders as its role alone; preprocess_internvl2_5 renders it in full). The assistant's
+        answer and its end token are supervised; a newline after the end token (internvl2_5's "<|im_end|>\n")
+        is not, as in InternVL.
         """
         end_token = self.sep.rstrip("\n")
         after_end = self.sep[len(end_token) :]
@@ -32,7 +43,9 @@ class Template:
         )
         out = [(system + self.sep, False)]
         for role, text in turns:
-            if role == "human":
+            if not text and not self.free_turn_order:
+                out.append((self.user_role if role == "human" else self.assistant_role, False))
+            elif role == "human":
                 out.append((self.user_role + text + self.sep, False))
             else:
                 out.append((self.assistant_role, False))
@@ -52,6 +65,7 @@ TEMPLATES: dict[str, Template] = {
             "<|im_start|>user\n",
             "<|im_start|>assistant\n",
             "<|im_end|>",
+            strip_turns=True,
         ),
         Template(
             "Hermes-2",
@@ -68,6 +82,7 @@ TEMPLATES: dict[str, Template] = {
             "<|im_start|>user\n",
             "<|im_start|>assistant\n",
             "<|im_end|>\n",
+            free_turn_order=True,
         ),
         Template(
             "phi3-chat",

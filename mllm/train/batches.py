@@ -28,6 +28,8 @@ class BatchSource(Protocol):
 
     def bad_samples(self) -> int: ...
 
+    def truncated_samples(self) -> int: ...
+
 
 @dataclass
 class MicroBatchStats:

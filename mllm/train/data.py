@@ -157,3 +157,7 @@ class DataLoaderSource:
         """Rejections so far; the loader's counts are global (the same on every rank), so only dp rank 0 reports
         them to the trainer's sum over dp ranks."""
         return self.loader.bad_samples.num_bad if self.dp_rank == 0 else 0
+
+    def truncated_samples(self) -> int:
+        """Samples cut to seq_len so far (data.too_long=truncate); global like bad_samples, so dp rank 0 only."""
+        return self.loader.bad_samples.num_truncated if self.dp_rank == 0 else 0

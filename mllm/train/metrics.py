@@ -27,6 +27,7 @@ STEP_FIELDS = (
     "tiles",
     "samples",
     "bad_samples",
+    "truncated_samples",  # kept but cut to data.seq_len (data.too_long=truncate)
     "step_time",
     "tokens_per_s",
     "tflops_per_device",

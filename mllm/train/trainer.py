@@ -250,7 +250,13 @@ class Trainer:
     ) -> dict:
         # Counts are summed over data-parallel replicas (tp/pp ranks of one replica see the same batches).
         counts = torch.tensor(
-            [stats.tokens, stats.tiles, stats.samples, self.batches.bad_samples()],
+            [
+                stats.tokens,
+                stats.tiles,
+                stats.samples,
+                self.batches.bad_samples(),
+                self.batches.truncated_samples(),
+            ],
             dtype=torch.float64,
             device=self.device,
         )
@@ -263,7 +269,7 @@ class Trainer:
         if self.mesh.dp > 1:
             dist.all_reduce(flops, group=self.mesh.dp_group)
         tflops = float(flops.item()) / max(step_time, 1e-9) / self.world / 1e12
-        tokens, tiles, samples, bad = (int(x) for x in counts.tolist())
+        tokens, tiles, samples, bad, truncated = (int(x) for x in counts.tolist())
         return {
             "step": self.step,
             "loss": loss,
@@ -273,6 +279,7 @@ class Trainer:
             "tiles": tiles,
             "samples": samples,
             "bad_samples": bad,
+            "truncated_samples": truncated,
             "skipped_steps": self.skipped,
             "step_time": step_time,
             "tokens_per_s": tokens / max(step_time, 1e-9),

@@ -35,7 +35,11 @@ def write_bad_dataset(synth_dir, out, n_good=40):
         {"image": "does_not_exist.jpg", "conversations": q},  # missing_image
         {"image": good[0]["image"], "conversations": []},  # empty_conversation
         {"image": good[0]["image"], "conversations": [{"from": "human", "value": "<image><image>x"}, q[1]]},
-        {"conversations": [q[0], {"from": "gpt", "value": "word " * 900}]},  # too_long
+        # too_long: truncation (data.too_long's default) would cut before the image's tokens
+        {
+            "image": good[0]["image"],
+            "conversations": [{"from": "human", "value": "word " * 900 + "<image>"}, q[1]],
+        },
     ]
     lines = [json.dumps(r) for r in good + bad] + ["{not json"]
     (out / "bad.jsonl").write_text("\n".join(lines) + "\n")
@@ -68,6 +72,26 @@ def test_each_kind_of_bad_sample_is_counted(synth_dir, tmp_path):
     keys = {k for b in batches for row in b.sample_ids for k in row}
     assert all(int(k.split(":")[1]) <= n_good for k in keys)
     assert all((b.labels != -100).any() for b in batches)
+
+
+def test_truncated_samples_are_kept_and_counted(synth_dir, tmp_path):
+    meta, _, _ = write_bad_dataset(synth_dir, tmp_path, n_good=6)
+    records = [json.loads(x) for x in (tmp_path / "bad.jsonl").read_text().splitlines()[:6]]
+    q = {"from": "human", "value": "<image>\nDescribe it."}
+    records.append(
+        {"image": records[0]["image"], "conversations": [q, {"from": "gpt", "value": "word " * 900}]}
+    )
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    epochs = 2
+    loader = build_loader(
+        small_config(meta, synth_dir.tokenizer, shuffle_buffer=4, pack_buffer=4), epochs=epochs
+    )
+    batches = list(loader)
+    long_key = "mixed:6"  # its 0-based annotation line
+    rows = [(row, b.input_ids[r]) for b in batches for r, row in enumerate(b.sample_ids)]
+    assert sum(row.count(long_key) for row, _ in rows) == epochs  # kept, once per epoch
+    assert all(row == [long_key] and (ids != loader.pad_id).all() for row, ids in rows if long_key in row)
+    assert loader.metrics()["data/truncated"] == epochs and loader.bad_samples.num_bad == 0
 
 
 def test_unreadable_shard_is_counted(synth_dir, tmp_path):

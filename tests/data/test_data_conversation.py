@@ -73,8 +73,6 @@ def test_image_expansion_and_prepend(tok):
     assert not without.targets[ctx].any()
     two = ct(conv("Image-1: <image>\nImage-2: <image>\nWhich?", "The first."), [2, 1])
     assert (two.input_ids == ids("<IMG_CONTEXT>")).sum() == 4 * 3
-    auto_two = ct(conv("Which?", "The first."), [2, 1])
-    assert np.array_equal(auto_two.input_ids, two.input_ids)  # InternVL's "Image-i: <image>\n" prefix
     text_only = ct(conv("1 plus 1?", "2."), [])
     assert (text_only.input_ids == ids("<IMG_CONTEXT>")).sum() == 0
 
@@ -90,8 +88,7 @@ def test_image_expansion_and_prepend(tok):
         ([{"from": "gpt", "value": "a"}], [], "bad_roles"),
         ([{"from": "human", "value": "q"}], [], "bad_roles"),
         ([{"from": "human"}], [], "bad_annotation"),
-        (conv("q", "a" * 3000), [], "too_long"),
-        (conv("<image>\nq", "a"), [40], "too_long"),  # image tokens are never truncated
+        (conv("<image>\nq", "a"), [40], "too_long"),  # a cut never falls in an image's tokens
     ],
 )
 def test_rejections(tok, conversations, tiles, reason):
@@ -101,19 +98,16 @@ def test_rejections(tok, conversations, tiles, reason):
     assert e.value.reason == reason
 
 
-def test_tokenization_mismatch_is_rejected_not_masked(tok):
-    # A role ending in a space: byte-level BPE glues " The" into one token that straddles the answer edge.
-    t = Template(
-        "bad",
-        "<|im_start|>system\n{system_message}",
-        "s",
-        "<|im_start|>user\n",
-        "<|im_start|>assistant ",
-        "<|im_end|>",
-    )
-    ct = ConversationTokenizer(tok, t, num_image_token=4)
+def test_token_across_an_answer_start_is_masked_across_its_end_rejected(tok):
+    # A role ending in a space: byte-level BPE glues " circle" into one token that starts before the answer;
+    # InternVL's prefix-length arithmetic masks such a token, and so do we.
+    t = Template("r", "{system_message}", "s", "<|im_start|>user\n", "<|im_start|>assistant ", "<|im_end|>")
+    sample = ConversationTokenizer(tok, t, num_image_token=4)(conv("q", "circle is red."), [])
+    assert tok.decode(sample.input_ids[sample.targets].tolist()) == " is red.<|im_end|>"
+    # Without an end token, a user role of plain text glues onto the answer's last word: rejected.
+    t = Template("e", "{system_message}", "s", "ircle\n", "<|im_start|>assistant\n", "")
     with pytest.raises(Rejected) as e:
-        ct(conv("q", "circle is red."), [])  # " circle" is one token of the tiny vocab
+        ConversationTokenizer(tok, t, num_image_token=4)(conv("q", "The c", "q", "a"), [])  # " circle"
     assert e.value.reason == "tokenization_mismatch"
 
 

@@ -90,3 +90,6 @@ class RowSource:
 
     def bad_samples(self) -> int:
         return 0
+
+    def truncated_samples(self) -> int:
+        return 0
