@@ -44,14 +44,10 @@ from dataclasses import dataclass, field
 
 from mllm.train.config import RunConfig
 from mllm.train.dry_run import activation_bytes, flops_per_step
+from mllm.train.planner_split import layout_split, rank_imbalance, recompute_stretch, vision_layer_ids
 from parallel.config import ParallelConfig, validate_layout
-from parallel.pipeline import (
-    llm_layer_flops_per_token,
-    resolve_layers_per_stage,
-    stage_layer_indices,
-    stages_of_pp_rank,
-    vision_flops_per_llm_token,
-)
+from parallel.pipeline import stage_layer_indices, stages_of_pp_rank
+from parallel.stage_split import Split
 
 GIB = 2**30
 CUDA_CONTEXT_GIB = (
@@ -88,6 +84,8 @@ class RankPlan:
     params: int  # local parameter elements before FSDP sharding (padding included)
     trainable: int
     bytes: dict[str, float] = field(default_factory=dict)
+    llm_layers: int = 0  # decoder layers of the rank's stages
+    vision_layers: int = 0  # ViT layers of the rank's stages
 
     @property
     def total_bytes(self) -> float:
@@ -99,6 +97,8 @@ class RankPlan:
             "stages": self.stages,
             "params": self.params,
             "trainable": self.trainable,
+            "llm_layers": self.llm_layers,
+            "vision_layers": self.vision_layers,
         }
         out.update({f"{k}_gib": round(v / GIB, 3) for k, v in self.bytes.items()})
         out["total_gib"] = round(self.total_bytes / GIB, 3)
@@ -293,26 +293,45 @@ def logits_bytes(run: RunConfig, pcfg: ParallelConfig) -> float:
     return float(tokens * vocab_local * (compute_dtype_bytes(run) + 12))
 
 
-def _stage_parts(counts: ModelCounts, pcfg: ParallelConfig, stage_ids: list[int], lps: list[int]):
-    """(root part, list of FSDP unit parts, LLM layers) of a pp rank's stages."""
-    roots, units, layers = [], [], 0
-    last = pcfg.num_stages - 1
+@dataclass
+class RankParts:
+    """What one pipeline rank holds under a split: stage roots (kept gathered under FSDP2), FSDP units, the
+    decoder layers and the ViT layers its stages run, and whether it holds the token embedding."""
+
+    root: PartCounts
+    units: list[PartCounts]
+    llm_layers: int
+    vision_layers: list[int]
+    has_embedding: bool
+
+
+def rank_parts(counts: ModelCounts, split: Split, stage_ids: list[int]) -> RankParts:
+    """The parts of a pp rank's stages, as ``parallel.build.build_rank_skeleton`` prunes them: ViT layers
+    where the split puts them (the patch embedding on stage 0), the projector, token embedding and any ViT
+    layers past ``select_layer`` on the projector stage, the head on the last stage."""
+    roots, units, layers, vit = [], [], 0, []
+    last, proj = split.num_stages - 1, split.projector_stage
+    n_run = sum(split.vision_layers)
     for sid in stage_ids:
-        idx = stage_layer_indices(lps, sid)
+        idx = stage_layer_indices(list(split.llm_layers), sid)
         layers += len(idx)
         units += [counts.llm_layers[i] for i in idx]
+        vit += vision_layer_ids(split, sid)
+        units += [counts.vision_layers[i] for i in vision_layer_ids(split, sid)]
         if sid == 0:
-            units += [counts.vision_embeddings, *counts.vision_layers]
+            units.append(counts.vision_embeddings)
+        if sid == proj:
+            units += list(counts.vision_layers[n_run:])
             roots += [counts.vision_other, counts.projector, counts.embed_tokens]
         if sid == last:
             roots.append(counts.head)
-    return _add(*roots), units, layers
+    return RankParts(_add(*roots), units, layers, vit, proj in stage_ids)
 
 
 def rank_plans(run: RunConfig, pcfg: ParallelConfig, world: int) -> list[RankPlan]:
     """One ``RankPlan`` per pipeline rank (tp ranks and dp ranks of a stage hold the same amounts)."""
     counts = model_counts(run, pcfg)
-    lps = resolve_layers_per_stage(run.model, pcfg)
+    split = layout_split(run, pcfg)
     dp, ds = pcfg.dp_size(world), pcfg.dp_shard
     fsdp = ds > 1
     gathered_b = gathered_dtype_bytes(run, pcfg)
@@ -321,10 +340,13 @@ def rank_plans(run: RunConfig, pcfg: ParallelConfig, world: int) -> list[RankPla
     plans = []
     for pp_rank in range(pcfg.pp):
         stage_ids = stages_of_pp_rank(pp_rank, pcfg)
-        root, units, layers = _stage_parts(counts, pcfg, stage_ids, lps)
+        held = rank_parts(counts, split, stage_ids)
+        root, units = held.root, held.units
         total = _add(root, *units)
         b: dict[str, float] = {}
-        b["weights"] = weight_bytes(run, pcfg, total, counts.embed_tokens if 0 in stage_ids else None) / ds
+        b["weights"] = (
+            weight_bytes(run, pcfg, total, counts.embed_tokens if held.has_embedding else None) / ds
+        )
         if fsdp:
             if pcfg.pp > 1:
                 b["gathered"] = float(gathered_b * total.total)
@@ -345,11 +367,17 @@ def rank_plans(run: RunConfig, pcfg: ParallelConfig, world: int) -> list[RankPla
         if pcfg.shard_optimizer and not fsdp:
             optim /= dp
         b["optimizer"] = optim
-        b["activations"] = activation_bytes(sized, world, layers, 0 in stage_ids, pp_rank)
+        b["activations"] = activation_bytes(
+            sized, world, held.llm_layers, bool(held.vision_layers), pp_rank, held.vision_layers
+        )
         b["logits"] = logits_bytes(run, pcfg) if pcfg.num_stages - 1 in stage_ids else 0.0
         b["pixels"] = pixel_bytes(run, pcfg, world) if 0 in stage_ids else 0.0
         b["overhead"] = (CUDA_CONTEXT_GIB + NCCL_GIB) * GIB + FRAGMENTATION * sum(b.values())
-        plans.append(RankPlan(pp_rank, stage_ids, total.total, total.trainable, b))
+        plans.append(
+            RankPlan(
+                pp_rank, stage_ids, total.total, total.trainable, b, held.llm_layers, len(held.vision_layers)
+            )
+        )
     return plans
 
 
@@ -372,31 +400,23 @@ def step_time(run: RunConfig, pcfg: ParallelConfig, world: int, ranks: list[Rank
     accum = accumulation(run, pcfg, world)
     flops = flops_per_step(run)
     rate = hw.peak_tflops * 1e12 * hw.mfu
-    # Recomputation: one more forward (1/3 of a trained layer's cost) of checkpointed parts.
+    stretch = recompute_stretch(run, pcfg)
     frac_img = pcfg.balance_image_token_fraction
-    vit_tok = vision_flops_per_llm_token(m, frac_img)
-    llm_tok = llm_layer_flops_per_token(m) * m.text.num_layers
-    recompute = (vit_tok / 3 if pcfg.activation_checkpointing_vision and not pcfg.freeze_vision else 0.0) + (
-        llm_tok / 3 if pcfg.activation_checkpointing_llm else 0.0
-    )
-    stretch = 1.0 + recompute / max(vit_tok + llm_tok, 1.0)
-    # Slowest stage vs the mean (the ViT sits on stage 0).
-    lps = resolve_layers_per_stage(m, pcfg)
-    costs = [n * llm_layer_flops_per_token(m) for n in lps]
-    costs[0] += vit_tok
-    imbalance = max(costs) / (sum(costs) / len(costs))
-    compute = flops * stretch / (world * rate) * imbalance
+    # Busiest pipeline rank vs the mean, under the layout's split (the ViT on stage 0 or spread, joint).
+    compute = flops * stretch / (world * rate) * rank_imbalance(run, pcfg, layout_split(run, pcfg))
     bubble = compute * (pp - 1) / (pcfg.virtual_stages * accum) if pp > 1 else 0.0
     act = compute_dtype_bytes(run)
     tokens = d.seq_len * d.micro_batch_size
     tp_bw = _bandwidth(hw, tp)
     per_mb_tp = 0.0
-    if tp > 1:
-        llm_layers_rank = max(lps) * pcfg.virtual_stages
+    if tp > 1:  # the busiest rank's collectives (ViT sequence parallel: all-gather + reduce-scatter, half)
         calls = 4 + (2 if pcfg.activation_checkpointing_llm else 0)  # fwd 2, bwd 2, recompute 2
-        per_mb_tp += llm_layers_rank * calls * _ring(tokens * m.text.hidden_size * act, tp, tp_bw, True)
+        llm_call = _ring(tokens * m.text.hidden_size * act, tp, tp_bw, True)
         vit_tokens = d.max_tiles_per_row * d.micro_batch_size * (m.vision.num_patches + 1) * frac_img
-        per_mb_tp += m.vision.num_layers * 4 * _ring(vit_tokens * m.vision.hidden_size * act, tp, tp_bw, True)
+        vit_call = _ring(
+            vit_tokens * m.vision.hidden_size * act, tp, tp_bw, not pcfg.vision_sequence_parallel
+        )
+        per_mb_tp = max(r.llm_layers * calls * llm_call + r.vision_layers * 4 * vit_call for r in ranks)
     tp_comm = per_mb_tp * accum
     pp_comm = 0.0
     if pp > 1:

@@ -1,0 +1,58 @@
+"""The planner follows the layout's stage split (meta device and numbers only): under
+``parallel.stage_split=joint`` the 26B SFT's pipeline rank 0 holds only the ViT layers ``best_stage_split``
+gives it (weights as the trainer's own rank skeleton, activations as a hand count), and the layout search
+considers joint splits and picks one when it is better."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mllm.config import load_run_config
+from mllm.train.flops import TrainedParts
+from mllm.train.planner import plan
+from parallel.build import build_rank_skeleton
+from parallel.mesh import meta_mesh
+from parallel.stage_split import best_stage_split
+
+WORLD = 64  # tp 8 x pp 4 x dp 2
+
+
+def _hand_rank0_activations(run, vit_layers: int, llm_layers: int) -> float:
+    """Rank 0 under 1F1B at pp 4 holds 4 micro-batches; with checkpointing a layer keeps its fp32 input (the
+    LLM's split over tp by sequence parallelism, the ViT's not) and one layer of each kind is recomputed in
+    full (Korthikanti et al.: 34 s h / tp bf16 values with sequence parallelism, s h (10 + 24 / tp) without)."""
+    d, m, tp = run.data, run.model, 8
+    s, h = d.seq_len, m.text.hidden_size
+    tiles_tokens, w = d.max_tiles_per_row * (m.vision.num_patches + 1), m.vision.hidden_size
+    llm = (4 * s * h / tp * llm_layers + s * h * 34 / tp) if llm_layers else 0.0
+    vit = (4 * tiles_tokens * w * vit_layers + tiles_tokens * w * (10 + 24 / tp)) if vit_layers else 0.0
+    return 4 * (llm + vit)
+
+
+def test_joint_split_lowers_rank0_memory_of_the_26b_sft_at_pp4():
+    run = load_run_config("internvl1_5_26b_sft", [])
+    p = run.parallel
+    assert p.activation_checkpointing_vision and p.activation_checkpointing_llm and p.sequence_parallel
+    plans = {}
+    for mode in ("llm", "joint"):
+        pcfg = dataclasses.replace(p, tp=8, pp=4, stage_split=mode)
+        plans[mode] = plan(run, WORLD, pcfg=pcfg)
+        tiles = p.balance_image_token_fraction * p.balance_seq_len / run.model.num_image_token
+        split = best_stage_split(run.model, 4, 1, tiles, p.balance_seq_len, vision_across_stages=mode == "joint",
+                                 parts=TrainedParts())  # fmt: skip
+        rank0 = plans[mode].ranks[0]
+        assert (rank0.vision_layers, rank0.llm_layers) == (split.vision_layers[0], split.llm_layers[0])
+        assert rank0.bytes["activations"] == _hand_rank0_activations(
+            run, split.vision_layers[0], split.llm_layers[0]
+        )
+        # Weights: the trainer's own rank-0 skeleton (pruned to the split) holds what the planner counts.
+        skeleton = build_rank_skeleton(run.model, pcfg, meta_mesh(pcfg, WORLD, pp_rank=0))
+        assert rank0.params == sum(x.numel() for x in skeleton.module.parameters())
+        assert rank0.bytes["weights"] == 4 * rank0.params  # fp32 master weights, no FSDP
+    llm0, joint0 = plans["llm"].ranks[0], plans["joint"].ranks[0]
+    assert joint0.vision_layers < llm0.vision_layers  # the ViT spans the leading stages
+    assert joint0.total_bytes < llm0.total_bytes
+    assert joint0.bytes["activations"] < llm0.bytes["activations"]
+    assert plans["joint"].max_rank_bytes < plans["llm"].max_rank_bytes
+    # The busiest rank's share of the step shrinks with the joint balance.
+    assert plans["joint"].time["compute"] < plans["llm"].time["compute"]
