@@ -141,6 +141,8 @@ class LayoutPlan:
             "dp_replicate": self.dp // p.dp_shard,
             "virtual_stages": p.virtual_stages,
             "pp_schedule": p.pp_schedule,
+            "stage_split": p.stage_split,
+            "vision_sequence_parallel": p.vision_sequence_parallel,
             "sequence_parallel": p.sequence_parallel,
             "shard_optimizer": p.shard_optimizer,
             "activation_checkpointing_vision": p.activation_checkpointing_vision,

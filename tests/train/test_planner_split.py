@@ -8,10 +8,14 @@ from __future__ import annotations
 import dataclasses
 
 from mllm.config import load_run_config
+from mllm.train.dry_run import print_dry_run
 from mllm.train.flops import TrainedParts
+from mllm.train.plan_report import resolve_auto_layout
 from mllm.train.planner import plan
+from mllm.train.planner_search import plan_layout
 from parallel.build import build_rank_skeleton
 from parallel.mesh import meta_mesh
+from parallel.pipeline import resolve_split
 from parallel.stage_split import best_stage_split
 
 WORLD = 64  # tp 8 x pp 4 x dp 2
@@ -56,3 +60,20 @@ def test_joint_split_lowers_rank0_memory_of_the_26b_sft_at_pp4():
     assert plans["joint"].max_rank_bytes < plans["llm"].max_rank_bytes
     # The busiest rank's share of the step shrinks with the joint balance.
     assert plans["joint"].time["compute"] < plans["llm"].time["compute"]
+
+
+def test_search_picks_a_joint_split_when_it_is_faster(capsys):
+    run = load_run_config("internvl1_5_26b_sft", [])
+    best = plan_layout(run, 32, 80.0)
+    assert best is not None and best.pcfg.pp > 1 and best.pcfg.stage_split == "joint"
+    split = resolve_split(run.model, best.pcfg)
+    assert sum(1 for n in split.vision_layers if n) > 1  # the ViT really spans stages
+    as_llm = plan(run, 32, pcfg=dataclasses.replace(best.pcfg, stage_split="llm"))
+    assert not as_llm.fits or as_llm.est_step_s > best.est_step_s
+    # parallel.layout=auto takes it, and the dry run prints the split it runs.
+    auto = dataclasses.replace(run, parallel=dataclasses.replace(run.parallel, layout="auto"))
+    chosen = resolve_auto_layout(auto, 32, 80.0)
+    assert chosen is not None and auto.parallel.stage_split == "joint" and auto.parallel.pp > 1
+    print_dry_run(auto, 32, 80.0)
+    printed = resolve_split(run.model, auto.parallel).vision_layers
+    assert f"ViT layers per stage {list(printed)}" in capsys.readouterr().out
