@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from mllm.config import load_run_config
 from mllm.train.dry_run import print_dry_run
 from mllm.train.flops import TrainedParts
 from mllm.train.plan_report import resolve_auto_layout
-from mllm.train.planner import plan
+from mllm.train.planner import GIB, Hardware, plan
 from mllm.train.planner_search import plan_layout
 from parallel.build import build_rank_skeleton
 from parallel.mesh import meta_mesh
@@ -77,3 +79,18 @@ def test_search_picks_a_joint_split_when_it_is_faster(capsys):
     print_dry_run(auto, 32, 80.0)
     printed = resolve_split(run.model, auto.parallel).vision_layers
     assert f"ViT layers per stage {list(printed)}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("recipe", "gpus"), [("internvl2_5_78b_sft", 512), ("internvl3_78b_sft", 32)])
+def test_78b_recipes_auto_layout_fits_80gb_at_internvls_gpu_count(recipe, gpus):
+    """InternVL's GPU counts (512 for the 2.5-78B stage-2 script, 32 for InternVL3-78B's fine-tune) with the
+    scripts' rows (16384 packed tokens, 48 images' tiles, drop path 0.4): a layout peaks at <= 76 GiB (95%)."""
+    run = load_run_config(recipe)
+    d = run.data
+    assert (d.seq_len, d.max_tiles_per_row, run.model.vision.drop_path_rate) == (16384, 48, 0.4)
+    assert run.parallel.layout == "auto"
+    chosen = resolve_auto_layout(run, gpus, 80.0)
+    assert chosen is not None and chosen.max_rank_bytes <= 76 * GIB
+    assert (
+        plan(run, gpus, Hardware(gpu_memory_gib=80.0)).max_rank_bytes == chosen.max_rank_bytes
+    )  # as applied
