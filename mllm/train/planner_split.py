@@ -39,7 +39,8 @@ def run_unit_costs(run: RunConfig, pcfg: ParallelConfig) -> UnitCosts:
     m, d = run.model, run.data
     tokens = d.seq_len * d.micro_batch_size
     tiles = tokens * pcfg.balance_image_token_fraction / m.num_image_token
-    parts = TrainedParts(not pcfg.freeze_vision, not pcfg.freeze_projector, not pcfg.freeze_llm)
+    parts = TrainedParts(not pcfg.freeze_vision, not pcfg.freeze_projector, not pcfg.freeze_llm,
+                         vision_adapters=m.lora.vision > 0, llm_adapters=m.lora.llm > 0)  # fmt: skip
     return unit_costs(m, tiles, tokens, d.seq_len, parts)
 
 
