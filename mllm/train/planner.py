@@ -5,6 +5,9 @@ meta-device build of the model per tp degree gives every parameter's local size 
 whether it trains; every layout is then summed from those counts. ``mllm.train.planner_search`` enumerates
 layouts and ranks them; ``--dry-run`` prints one plan (``mllm.train.plan_report``).
 
+Every pipeline rank holds the ViT and LLM layers the layout's split gives its stages (``parallel.pipeline.resolve_split``:
+``stage_split=llm`` keeps the ViT on stage 0, ``joint`` spreads it over the leading stages), as the trainer builds it.
+
 Memory of one rank (bytes), by category (``RankPlan.bytes``):
 
 - ``weights``: fp32 master weights (all local parameters; / dp_shard under FSDP2); with
@@ -30,7 +33,8 @@ Memory of one rank (bytes), by category (``RankPlan.bytes``):
   allocator's fragmentation.
 
 Step time (an estimate, assumptions in ``Hardware``): model FLOPs plus recomputation at ``mfu`` of the peak,
-stretched by the pipeline bubble ((pp - 1) / (virtual stages x micro-batches)) and the slowest stage's share,
+stretched by the pipeline bubble ((pp - 1) / (virtual stages x micro-batches)) and the busiest pipeline rank's
+share under the layout's stage split (``mllm.train.planner_split``),
 plus the exposed communication: tensor-parallel collectives (never overlapped), pipeline sends, and the part
 of the data-parallel gradient reduction / FSDP all-gathers that does not fit under the compute they overlap
 with. Links: within a node ``intra_node_gbps`` per GPU, across nodes ``inter_node_gbps`` per GPU; a group

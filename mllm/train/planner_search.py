@@ -2,7 +2,8 @@
 
 ``search_layouts(run, world, gpu_memory_gib)`` enumerates tp (dividing the kv heads, within a node), pp
 (dividing the world with tp, at most one stage per LLM layer), virtual stages (interleaved 1F1B with 2 when
-the accumulation allows it), dp_shard (every divisor of dp; 1 = DDP with ZeRO-1), activation checkpointing
+the accumulation allows it), the stage split (``llm`` and, under a pipeline, ``joint``: ViT layers over the leading
+stages), ViT sequence parallelism (tp > 1, drop path 0), dp_shard (every divisor of dp; 1 = DDP with ZeRO-1), activation checkpointing
 (none, LLM, ViT + LLM) and, under FSDP without a pipeline, whether gradients are reduced after every
 micro-batch; sequence parallelism is on whenever tp > 1. Layouts the run cannot use (global batch not a
 multiple of micro batch x dp, heads, stage split) are skipped. ``plan_layout`` returns the best fitting plan,
