@@ -1,7 +1,8 @@
 """The planner follows the layout's stage split (meta device and numbers only): under
 ``parallel.stage_split=joint`` the 26B SFT's pipeline rank 0 holds only the ViT layers ``best_stage_split``
 gives it (weights as the trainer's own rank skeleton, activations as a hand count), and the layout search
-considers joint splits and picks one when it is better."""
+considers joint splits and picks one when it is better; ViT sequence parallelism splits the ViT's activations
+over tp; the 78B recipes' auto layouts fit 80 GB GPUs at InternVL's GPU counts."""
 
 from __future__ import annotations
 
@@ -94,3 +95,25 @@ def test_78b_recipes_auto_layout_fits_80gb_at_internvls_gpu_count(recipe, gpus):
     assert (
         plan(run, gpus, Hardware(gpu_memory_gib=80.0)).max_rank_bytes == chosen.max_rank_bytes
     )  # as applied
+
+
+def test_vision_sequence_parallel_splits_the_vits_activations_over_tp():
+    """With ``parallel.vision_sequence_parallel`` the ViT's checkpointed inputs and its recomputed layer are split
+    over tp like the LLM's (Korthikanti et al.: 34 s h / tp bf16 values per full layer)."""
+    run = load_run_config("internvl1_5_26b_sft", ["model.vision.drop_path_rate=0.0"])
+    d, m, tp = run.data, run.model, 8
+    base = dataclasses.replace(run.parallel, tp=tp, pp=4)
+    off, on = (
+        plan(run, WORLD, pcfg=dataclasses.replace(base, vision_sequence_parallel=x)) for x in (False, True)
+    )
+    t, w, layers = (
+        d.max_tiles_per_row * (m.vision.num_patches + 1),
+        m.vision.hidden_size,
+        off.ranks[0].vision_layers,
+    )
+    vit_off = 4 * t * w * layers + t * w * (10 + 24 / tp)
+    vit_on = 4 * t * w / tp * layers + t * w * 34 / tp
+    in_flight = 4  # 1F1B, pp 4, rank 0
+    saved = off.ranks[0].bytes["activations"] - on.ranks[0].bytes["activations"]
+    assert saved == pytest.approx(in_flight * (vit_off - vit_on), rel=1e-12)
+    assert off.ranks[1].bytes["activations"] == on.ranks[1].bytes["activations"]  # no ViT there
