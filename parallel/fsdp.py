@@ -75,24 +75,18 @@ def resolve_dtype(name: str, compute_dtype: torch.dtype) -> torch.dtype:
 
 def fsdp_units(stage) -> list[nn.Module]:
     """The modules of one ``StageModule`` that get their own all-gather (innermost first)."""
-    return [unit for chain in unit_chains(stage) for unit in chain] + _unused_vit_layers(stage)
+    return [unit for chain in unit_chains(stage) for unit in chain]
 
 
 def unit_chains(stage) -> list[list[nn.Module]]:
-    """Units in the order the forward runs them: the ViT's (embeddings, the blocks it runs) and the LLM's."""
+    """Units in the order the forward runs them: the stage's ViT pieces (the patch embedding on stage 0, the
+    blocks this stage runs: all of them, or its share when the ViT spans stages) and its decoder layers."""
     chains = []
-    if stage.is_first and stage.vision is not None:
-        vision = stage.vision
-        chains.append([vision.embeddings, *vision.layers[: vision.num_layers_run]])
+    if stage.runs_vision:
+        embeddings = [stage.vision_embeddings] if stage.vision_embeddings is not None else []
+        chains.append([*embeddings, *stage.vision_layers])
     chains.append(list(stage.layers))
     return [c for c in chains if c]
-
-
-def _unused_vit_layers(stage) -> list[nn.Module]:
-    """ViT blocks after ``select_layer`` (never run; sharded so that they cost 1/dp_shard of memory)."""
-    if not (stage.is_first and stage.vision is not None):
-        return []
-    return list(stage.vision.layers[stage.vision.num_layers_run :])
 
 
 def apply_fsdp(stages: list, mesh: ParallelMesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype) -> None:

@@ -15,7 +15,7 @@ from mllm.train.config import RunConfig
 from mllm.train.flops import TrainedParts, step_flops
 from parallel.build import build_rank_skeleton
 from parallel.mesh import meta_mesh
-from parallel.pipeline import resolve_layers_per_stage
+from parallel.pipeline import resolve_split
 
 GIB = 2**30
 
@@ -36,6 +36,7 @@ def rank_memory(run: RunConfig, world: int, pp_rank: int) -> dict[str, float]:
     dp = pcfg.dp_size(world)
     adam = 8 * trainable / (dp if pcfg.shard_optimizer else 1)
     layers = sum(len(x) for x in skeleton.stage_layers)
+    vision = sum(len(x) for x in skeleton.stage_vision_layers)
     return {
         "params": total,
         "trainable": trainable,
@@ -43,7 +44,14 @@ def rank_memory(run: RunConfig, world: int, pp_rank: int) -> dict[str, float]:
         "weights": 4 * total,
         "grads": 4 * trainable,
         "adam": adam,
-        "activations": activation_bytes(run, world, layers, pp_rank == 0, pp_rank),
+        "activations": activation_bytes(
+            run,
+            world,
+            layers,
+            bool(vision),
+            pp_rank,
+            [i for ids in skeleton.stage_vision_layers for i in ids],
+        ),
     }
 
 
@@ -86,6 +94,8 @@ def layer_stack_bytes(
     checkpointing each layer keeps only its input, the residual stream, which stays fp32 under autocast:
     ``4 * s * h`` bytes (``/ tp`` with sequence parallelism), plus one layer's full set being recomputed.
     """
+    if layers == 0:  # a stage without layers of this kind (joint splits: ViT-only stages)
+        return 0.0
     per_value = value_bytes / 2
     split = tp if sequence_parallel else 1
     full = tokens * width * (34 / tp if sequence_parallel else 10 + 24 / tp) * per_value
@@ -94,10 +104,19 @@ def layer_stack_bytes(
     return 4 * tokens * width / split * layers + full
 
 
-def activation_bytes(run: RunConfig, world: int, llm_layers: int, has_vision: bool, pp_rank: int) -> float:
+def activation_bytes(
+    run: RunConfig,
+    world: int,
+    llm_layers: int,
+    has_vision: bool,
+    pp_rank: int,
+    vision_layer_ids: list[int] | None = None,
+) -> float:
     """Peak activation bytes of one rank: the layer stacks of its stages (``layer_stack_bytes``) per
     micro-batch, times the micro-batches in flight (``micro_batches_in_flight``). The LLM uses
-    ``parallel.sequence_parallel``; the ViT has no sequence parallelism (its tokens are replicated over tp)."""
+    ``parallel.sequence_parallel``; the ViT ``parallel.vision_sequence_parallel`` (else its tokens are
+    replicated over tp). ``vision_layer_ids``: the ViT layers the rank runs (default: all of them when
+    ``has_vision``; ``parallel.stage_split=joint`` spreads them over the leading stages)."""
     pcfg, data, m = run.parallel, run.data, run.model
     tp, value_bytes = pcfg.tp, compute_bytes(run)
     s, h = data.seq_len * data.micro_batch_size, m.text.hidden_size
@@ -105,18 +124,21 @@ def activation_bytes(run: RunConfig, world: int, llm_layers: int, has_vision: bo
         s, h, llm_layers, tp, pcfg.sequence_parallel, pcfg.activation_checkpointing_llm, value_bytes
     )
     transient = 0.0
-    if has_vision:
-        v = m.vision
+    v = m.vision
+    ids = list(range(v.num_layers)) if vision_layer_ids is None else vision_layer_ids
+    if has_vision and ids:
         tiles = data.max_tiles_per_row * data.micro_batch_size
         # A frozen ViT prefix runs without autograd (parallel.pipeline.StageModule.image_tokens): it keeps
         # nothing, only one layer's values exist while it runs. A ViT with LoRA adapters keeps its activations.
-        frozen = v.num_layers if pcfg.freeze_vision else pcfg.freeze_vit_layers_below
+        frozen_below = v.num_layers if pcfg.freeze_vision else pcfg.freeze_vit_layers_below
         if m.lora.vision > 0:
-            frozen = 0
+            frozen_below = 0
+        trained = sum(1 for i in ids if i >= frozen_below)
+        vision_sp = pcfg.vision_sequence_parallel and tp > 1
         vit = functools.partial(layer_stack_bytes, tiles * (v.num_patches + 1), v.hidden_size, tp=tp,
-                                sequence_parallel=False, value_bytes=value_bytes)  # fmt: skip
-        if v.num_layers > frozen:
-            total += vit(layers=v.num_layers - frozen, checkpointed=pcfg.activation_checkpointing_vision)
+                                sequence_parallel=vision_sp, value_bytes=value_bytes)  # fmt: skip
+        if trained:
+            total += vit(layers=trained, checkpointed=pcfg.activation_checkpointing_vision)
         else:
             transient = vit(layers=1, checkpointed=False)
     return float(total * micro_batches_in_flight(run, world, pp_rank) + transient)
@@ -152,8 +174,11 @@ def print_dry_run(
         f"batch: global {t.global_batch_size} rows of {d.seq_len} tokens = micro {d.micro_batch_size} x dp "
         f"{dp} x accumulation {accum}"
     )
-    lps = resolve_layers_per_stage(run.model, p)
-    print(f"stage split (LLM layers per stage; ViT + projector on stage 0, head on the last): {lps}")
+    split = resolve_split(run.model, p)
+    print(
+        f"stage split ({p.stage_split}): ViT layers per stage {list(split.vision_layers)}, LLM layers per stage "
+        f"{list(split.llm_layers)} (projector on stage {split.projector_stage}, head on the last)"
+    )
     flops = flops_per_step(run)
     print(
         f"FLOPs per step: {flops:.3e} ({flops / world / 1e12:.1f} TFLOP per device; model FLOPs, Megatron "

@@ -66,7 +66,8 @@ def layout_line(p: LayoutPlan) -> str:
     ckpt = "+".join(n for n, on in (("vit", lay["activation_checkpointing_vision"]),
                                     ("llm", lay["activation_checkpointing_llm"])) if on) or "none"  # fmt: skip
     return (
-        f"tp {lay['tp']:>2} pp {lay['pp']:>2} v {lay['virtual_stages']} dp {lay['dp']:>4} dp_shard "
+        f"tp {lay['tp']:>2} pp {lay['pp']:>2} v {lay['virtual_stages']} split {lay['stage_split']:<5} vit_sp "
+        f"{int(lay['vision_sequence_parallel'])} dp {lay['dp']:>4} dp_shard "
         f"{lay['dp_shard']:>4} ckpt {ckpt:<7} zero1 {int(lay['shard_optimizer'])} rs/mb "
         f"{int(lay['reduce_grads_every_micro_batch'])}"
     )

@@ -5,6 +5,9 @@ meta-device build of the model per tp degree gives every parameter's local size 
 whether it trains; every layout is then summed from those counts. ``mllm.train.planner_search`` enumerates
 layouts and ranks them; ``--dry-run`` prints one plan (``mllm.train.plan_report``).
 
+Every pipeline rank holds the ViT and LLM layers the layout's split gives its stages (``parallel.pipeline.resolve_split``:
+``stage_split=llm`` keeps the ViT on stage 0, ``joint`` spreads it over the leading stages), as the trainer builds it.
+
 Memory of one rank (bytes), by category (``RankPlan.bytes``):
 
 - ``weights``: fp32 master weights (all local parameters; / dp_shard under FSDP2); with
@@ -30,7 +33,8 @@ Memory of one rank (bytes), by category (``RankPlan.bytes``):
   allocator's fragmentation.
 
 Step time (an estimate, assumptions in ``Hardware``): model FLOPs plus recomputation at ``mfu`` of the peak,
-stretched by the pipeline bubble ((pp - 1) / (virtual stages x micro-batches)) and the slowest stage's share,
+stretched by the pipeline bubble ((pp - 1) / (virtual stages x micro-batches)) and the busiest pipeline rank's
+share under the layout's stage split (``mllm.train.planner_split``),
 plus the exposed communication: tensor-parallel collectives (never overlapped), pipeline sends, and the part
 of the data-parallel gradient reduction / FSDP all-gathers that does not fit under the compute they overlap
 with. Links: within a node ``intra_node_gbps`` per GPU, across nodes ``inter_node_gbps`` per GPU; a group
@@ -42,11 +46,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from mllm.model.config import ModelConfig
 from mllm.train.config import RunConfig
 from mllm.train.dry_run import activation_bytes, flops_per_step
+from mllm.train.planner_split import layout_split, rank_imbalance, recompute_stretch, vision_layer_ids
 from parallel.config import ParallelConfig, validate_layout
-from parallel.pipeline import resolve_layers_per_stage, stage_layer_indices, stages_of_pp_rank
+from parallel.pipeline import stage_layer_indices, stages_of_pp_rank
+from parallel.stage_split import Split
 
 GIB = 2**30
 CUDA_CONTEXT_GIB = (
@@ -83,6 +88,8 @@ class RankPlan:
     params: int  # local parameter elements before FSDP sharding (padding included)
     trainable: int
     bytes: dict[str, float] = field(default_factory=dict)
+    llm_layers: int = 0  # decoder layers of the rank's stages
+    vision_layers: int = 0  # ViT layers of the rank's stages
 
     @property
     def total_bytes(self) -> float:
@@ -94,6 +101,8 @@ class RankPlan:
             "stages": self.stages,
             "params": self.params,
             "trainable": self.trainable,
+            "llm_layers": self.llm_layers,
+            "vision_layers": self.vision_layers,
         }
         out.update({f"{k}_gib": round(v / GIB, 3) for k, v in self.bytes.items()})
         out["total_gib"] = round(self.total_bytes / GIB, 3)
@@ -136,6 +145,8 @@ class LayoutPlan:
             "dp_replicate": self.dp // p.dp_shard,
             "virtual_stages": p.virtual_stages,
             "pp_schedule": p.pp_schedule,
+            "stage_split": p.stage_split,
+            "vision_sequence_parallel": p.vision_sequence_parallel,
             "sequence_parallel": p.sequence_parallel,
             "shard_optimizer": p.shard_optimizer,
             "activation_checkpointing_vision": p.activation_checkpointing_vision,
@@ -288,26 +299,45 @@ def logits_bytes(run: RunConfig, pcfg: ParallelConfig) -> float:
     return float(tokens * vocab_local * (compute_dtype_bytes(run) + 12))
 
 
-def _stage_parts(counts: ModelCounts, pcfg: ParallelConfig, stage_ids: list[int], lps: list[int]):
-    """(root part, list of FSDP unit parts, LLM layers) of a pp rank's stages."""
-    roots, units, layers = [], [], 0
-    last = pcfg.num_stages - 1
+@dataclass
+class RankParts:
+    """What one pipeline rank holds under a split: stage roots (kept gathered under FSDP2), FSDP units, the
+    decoder layers and the ViT layers its stages run, and whether it holds the token embedding."""
+
+    root: PartCounts
+    units: list[PartCounts]
+    llm_layers: int
+    vision_layers: list[int]
+    has_embedding: bool
+
+
+def rank_parts(counts: ModelCounts, split: Split, stage_ids: list[int]) -> RankParts:
+    """The parts of a pp rank's stages, as ``parallel.build.build_rank_skeleton`` prunes them: ViT layers
+    where the split puts them (the patch embedding on stage 0), the projector, token embedding and any ViT
+    layers past ``select_layer`` on the projector stage, the head on the last stage."""
+    roots, units, layers, vit = [], [], 0, []
+    last, proj = split.num_stages - 1, split.projector_stage
+    n_run = sum(split.vision_layers)
     for sid in stage_ids:
-        idx = stage_layer_indices(lps, sid)
+        idx = stage_layer_indices(list(split.llm_layers), sid)
         layers += len(idx)
         units += [counts.llm_layers[i] for i in idx]
+        vit += vision_layer_ids(split, sid)
+        units += [counts.vision_layers[i] for i in vision_layer_ids(split, sid)]
         if sid == 0:
-            units += [counts.vision_embeddings, *counts.vision_layers]
+            units.append(counts.vision_embeddings)
+        if sid == proj:
+            units += list(counts.vision_layers[n_run:])
             roots += [counts.vision_other, counts.projector, counts.embed_tokens]
         if sid == last:
             roots.append(counts.head)
-    return _add(*roots), units, layers
+    return RankParts(_add(*roots), units, layers, vit, proj in stage_ids)
 
 
 def rank_plans(run: RunConfig, pcfg: ParallelConfig, world: int) -> list[RankPlan]:
     """One ``RankPlan`` per pipeline rank (tp ranks and dp ranks of a stage hold the same amounts)."""
     counts = model_counts(run, pcfg)
-    lps = resolve_layers_per_stage(run.model, pcfg)
+    split = layout_split(run, pcfg)
     dp, ds = pcfg.dp_size(world), pcfg.dp_shard
     fsdp = ds > 1
     gathered_b = gathered_dtype_bytes(run, pcfg)
@@ -316,10 +346,13 @@ def rank_plans(run: RunConfig, pcfg: ParallelConfig, world: int) -> list[RankPla
     plans = []
     for pp_rank in range(pcfg.pp):
         stage_ids = stages_of_pp_rank(pp_rank, pcfg)
-        root, units, layers = _stage_parts(counts, pcfg, stage_ids, lps)
+        held = rank_parts(counts, split, stage_ids)
+        root, units = held.root, held.units
         total = _add(root, *units)
         b: dict[str, float] = {}
-        b["weights"] = weight_bytes(run, pcfg, total, counts.embed_tokens if 0 in stage_ids else None) / ds
+        b["weights"] = (
+            weight_bytes(run, pcfg, total, counts.embed_tokens if held.has_embedding else None) / ds
+        )
         if fsdp:
             if pcfg.pp > 1:
                 b["gathered"] = float(gathered_b * total.total)
@@ -340,11 +373,17 @@ def rank_plans(run: RunConfig, pcfg: ParallelConfig, world: int) -> list[RankPla
         if pcfg.shard_optimizer and not fsdp:
             optim /= dp
         b["optimizer"] = optim
-        b["activations"] = activation_bytes(sized, world, layers, 0 in stage_ids, pp_rank)
+        b["activations"] = activation_bytes(
+            sized, world, held.llm_layers, bool(held.vision_layers), pp_rank, held.vision_layers
+        )
         b["logits"] = logits_bytes(run, pcfg) if pcfg.num_stages - 1 in stage_ids else 0.0
         b["pixels"] = pixel_bytes(run, pcfg, world) if 0 in stage_ids else 0.0
         b["overhead"] = (CUDA_CONTEXT_GIB + NCCL_GIB) * GIB + FRAGMENTATION * sum(b.values())
-        plans.append(RankPlan(pp_rank, stage_ids, total.total, total.trainable, b))
+        plans.append(
+            RankPlan(
+                pp_rank, stage_ids, total.total, total.trainable, b, held.llm_layers, len(held.vision_layers)
+            )
+        )
     return plans
 
 
@@ -361,54 +400,29 @@ def _ring(bytes_: float, n: int, bw: float, all_reduce: bool = False) -> float:
     return (2.0 if all_reduce else 1.0) * (n - 1) / n * bytes_ / bw
 
 
-def llm_layer_flops_per_token(cfg: ModelConfig) -> float:
-    """Training FLOPs (forward + backward = 6 x multiply-adds) of one decoder layer per token."""
-    t = cfg.text
-    attn = t.hidden_size * t.resolved_head_dim * (2 * t.num_heads + 2 * t.num_kv_heads)
-    return 6.0 * (attn + 3 * t.hidden_size * t.intermediate_size)
-
-
-def vision_flops_per_llm_token(cfg: ModelConfig, image_token_fraction: float) -> float:
-    """ViT + projector training FLOPs per LLM token, when ``image_token_fraction`` of the tokens are image."""
-    v = cfg.vision
-    layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
-    vit = 6.0 * layer * v.num_layers * (v.num_patches + 1)
-    proj_in = v.hidden_size * int(1 / cfg.downsample_ratio) ** 2
-    projector = 6.0 * (proj_in + cfg.text.hidden_size) * cfg.text.hidden_size * cfg.num_image_token
-    return (vit + projector) / cfg.num_image_token * image_token_fraction
-
-
 def step_time(run: RunConfig, pcfg: ParallelConfig, world: int, ranks: list[RankPlan], hw: Hardware) -> dict:
     m, d = run.model, run.data
     tp, pp, dp, ds = pcfg.tp, pcfg.pp, pcfg.dp_size(world), pcfg.dp_shard
     accum = accumulation(run, pcfg, world)
     flops = flops_per_step(run)
     rate = hw.peak_tflops * 1e12 * hw.mfu
-    # Recomputation: one more forward (1/3 of a trained layer's cost) of checkpointed parts.
+    stretch = recompute_stretch(run, pcfg)
     frac_img = pcfg.balance_image_token_fraction
-    vit_tok = vision_flops_per_llm_token(m, frac_img)
-    llm_tok = llm_layer_flops_per_token(m) * m.text.num_layers
-    recompute = (vit_tok / 3 if pcfg.activation_checkpointing_vision and not pcfg.freeze_vision else 0.0) + (
-        llm_tok / 3 if pcfg.activation_checkpointing_llm else 0.0
-    )
-    stretch = 1.0 + recompute / max(vit_tok + llm_tok, 1.0)
-    # Slowest stage vs the mean (the ViT sits on stage 0).
-    lps = resolve_layers_per_stage(m, pcfg)
-    costs = [n * llm_layer_flops_per_token(m) for n in lps]
-    costs[0] += vit_tok
-    imbalance = max(costs) / (sum(costs) / len(costs))
-    compute = flops * stretch / (world * rate) * imbalance
+    # Busiest pipeline rank vs the mean, under the layout's split (the ViT on stage 0 or spread, joint).
+    compute = flops * stretch / (world * rate) * rank_imbalance(run, pcfg, layout_split(run, pcfg))
     bubble = compute * (pp - 1) / (pcfg.virtual_stages * accum) if pp > 1 else 0.0
     act = compute_dtype_bytes(run)
     tokens = d.seq_len * d.micro_batch_size
     tp_bw = _bandwidth(hw, tp)
     per_mb_tp = 0.0
-    if tp > 1:
-        llm_layers_rank = max(lps) * pcfg.virtual_stages
+    if tp > 1:  # the busiest rank's collectives (ViT sequence parallel: all-gather + reduce-scatter, half)
         calls = 4 + (2 if pcfg.activation_checkpointing_llm else 0)  # fwd 2, bwd 2, recompute 2
-        per_mb_tp += llm_layers_rank * calls * _ring(tokens * m.text.hidden_size * act, tp, tp_bw, True)
+        llm_call = _ring(tokens * m.text.hidden_size * act, tp, tp_bw, True)
         vit_tokens = d.max_tiles_per_row * d.micro_batch_size * (m.vision.num_patches + 1) * frac_img
-        per_mb_tp += m.vision.num_layers * 4 * _ring(vit_tokens * m.vision.hidden_size * act, tp, tp_bw, True)
+        vit_call = _ring(
+            vit_tokens * m.vision.hidden_size * act, tp, tp_bw, not pcfg.vision_sequence_parallel
+        )
+        per_mb_tp = max(r.llm_layers * calls * llm_call + r.vision_layers * 4 * vit_call for r in ranks)
     tp_comm = per_mb_tp * accum
     pp_comm = 0.0
     if pp > 1:

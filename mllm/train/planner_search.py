@@ -2,7 +2,8 @@
 
 ``search_layouts(run, world, gpu_memory_gib)`` enumerates tp (dividing the kv heads, within a node), pp
 (dividing the world with tp, at most one stage per LLM layer), virtual stages (interleaved 1F1B with 2 when
-the accumulation allows it), dp_shard (every divisor of dp; 1 = DDP with ZeRO-1), activation checkpointing
+the accumulation allows it), the stage split (``llm`` and, under a pipeline, ``joint``: ViT layers over the leading
+stages), ViT sequence parallelism (tp > 1, drop path 0), dp_shard (every divisor of dp; 1 = DDP with ZeRO-1), activation checkpointing
 (none, LLM, ViT + LLM) and, under FSDP without a pipeline, whether gradients are reduced after every
 micro-batch; sequence parallelism is on whenever tp > 1. Layouts the run cannot use (global batch not a
 multiple of micro batch x dp, heads, stage split) are skipped. ``plan_layout`` returns the best fitting plan,
@@ -12,6 +13,7 @@ multiple of micro batch x dp, heads, stage split) are skipped. ``plan_layout`` r
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 from mllm.train.config import RunConfig
 from mllm.train.planner import GIB, Hardware, LayoutPlan, plan, rank_plans
@@ -30,11 +32,31 @@ LAYOUT_KEYS = (
     "activation_checkpointing_llm",
     "reduce_grads_every_micro_batch",
     "layers_per_stage",
+    "stage_split",
+    "vision_sequence_parallel",
 )
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _split_options(run: RunConfig, pp: int) -> list[str]:
+    """``stage_split=joint`` (ViT layers over the leading stages) next to ``llm`` under a pipeline, unless the
+    layout pins the split or the ViT is frozen (a frozen stage-0 ViT prefix cannot start a pipeline)."""
+    p = run.parallel
+    if pp == 1 or p.vision_layers_per_stage is not None or p.freeze_vision:
+        return ["llm"]
+    return ["llm", "joint"]
+
+
+def _vision_sp_options(run: RunConfig, tp: int) -> list[bool]:
+    """ViT sequence parallelism where the run allows it (tp > 1, no drop path, the torch backend, a ViT with
+    activations to keep)."""
+    p, v = run.parallel, run.model.vision
+    if tp == 1 or v.drop_path_rate > 0 or p.layer_backend != "torch" or p.freeze_vision:
+        return [False]
+    return [False, True]
 
 
 def candidate_layouts(run: RunConfig, world: int, hw: Hardware) -> list[ParallelConfig]:
@@ -56,7 +78,9 @@ def candidate_layouts(run: RunConfig, world: int, hw: Hardware) -> list[Parallel
             if pp > 1 and accum % pp == 0 and m.text.num_layers >= 2 * pp:
                 schedules.append(("interleaved_1f1b", 2))
             for schedule, v in schedules:
-                for ds in _divisors(dp):
+                for ds, split, vision_sp in itertools.product(
+                    _divisors(dp), _split_options(run, pp), _vision_sp_options(run, tp)
+                ):
                     reduce_options = [False, True] if ds > 1 and pp == 1 and accum > 1 else [False]
                     for ckpt_vit, ckpt_llm in CHECKPOINTING:
                         if ckpt_vit and base.freeze_vision:  # a frozen ViT keeps no activations anyway
@@ -70,6 +94,8 @@ def candidate_layouts(run: RunConfig, world: int, hw: Hardware) -> list[Parallel
                                     virtual_stages=v,
                                     pp_schedule=schedule,
                                     layers_per_stage=None,
+                                    stage_split=split,
+                                    vision_sequence_parallel=vision_sp,
                                     dp_shard=ds,
                                     sequence_parallel=tp > 1,
                                     shard_optimizer=ds == 1 and dp > 1,
@@ -125,9 +151,10 @@ def any_layout_fits(run: RunConfig, world: int, gpu_memory_gib: float, hw: Hardw
     for pcfg in candidate_layouts(run, world, hw):
         try:
             validate_layout(run.model, pcfg, world)
+            ranks = rank_plans(run, pcfg, world)
         except ValueError:
             continue
-        if max(r.total_bytes for r in rank_plans(run, pcfg, world)) <= gpu_memory_gib * GIB:
+        if max(r.total_bytes for r in ranks) <= gpu_memory_gib * GIB:
             return True
     return False
 

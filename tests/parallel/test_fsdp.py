@@ -40,6 +40,13 @@ CASES_4 = [
     ),
     ("pp2xdp_shard2", "grads", {}, {"pp": 2, "dp_shard": 2}),
     ("pp2xdp_shard2_frozen_vit", "grads", {}, {"pp": 2, "dp_shard": 2, **FROZEN_VIT}),
+    # The ViT spanning both stages (stage_split=joint's placement): each stage shards its own ViT blocks.
+    (
+        "pp2xdp_shard2_vit_2_stages",
+        "grads",
+        {},
+        {"pp": 2, "dp_shard": 2, "vision_layers_per_stage": [1, 1], "layers_per_stage": [0, 4]},
+    ),  # fmt: skip
     ("hsdp_2x2", "grads", UNEVEN, {"dp_shard": 2}),
     ("adamw_tp2xdp_shard2", "adamw", UNEVEN, {"tp": 2, "dp_shard": 2}),
     ("adamw_pp2xdp_shard2", "adamw", {}, {"pp": 2, "dp_shard": 2}),
@@ -61,7 +68,9 @@ def _check(result, kind: str, pcfg: dict) -> None:
     if kind == "adamw":
         _check_adamw(result)
         return
-    _check_grads(result, tp_seq_shard=8 if pcfg.get("sequence_parallel") else 16)
+    # A ViT-only stage 0 runs no decoder layer: no LLM sequence length is recorded there.
+    seq = None if pcfg.get("vision_layers_per_stage") else 8 if pcfg.get("sequence_parallel") else 16
+    _check_grads(result, tp_seq_shard=seq)
     assert result["fsdp_params"] > 0, result  # the parameters really are FSDP2 DTensors
     if pcfg.get("freeze_vision"):  # 79 tensors in tiny(); the ViT's 4 + 2 x 15 have no gradient
         assert result["num_grads"] == 79 - 4 - 2 * 15, result
