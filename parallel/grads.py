@@ -48,13 +48,15 @@ def finish_grad_sync(pm) -> None:
     for _, p in trainable:
         if p.grad is None:  # e.g. vision weights on a text-only step: every dp rank must still take part
             p.grad = torch.zeros_like(p)
-    _all_reduce_coalesced([to_local(p.grad) for n, p in trainable if n in pm.sp_params], pm.tp.group)
     if pm.mesh.dp_shard == 1:
         reducer = getattr(pm, "grad_reducer", None)
         if reducer is not None:  # overlapped with the backward (parallel.overlap); finish what is left
             reducer.finish()
         else:
             _all_reduce_coalesced([p.grad for _, p in trainable], pm.mesh.dp_group)
+    # After the dp sum has landed (the overlapped one still writes into these buffers until ``finish``); sums
+    # over tp and dp commute.
+    _all_reduce_coalesced([to_local(p.grad) for n, p in trainable if n in pm.sp_params], pm.tp.group)
     for name, p in trainable:
         spec = pm.specs.get(name)
         mask = spec.real_mask(pm.tp) if spec is not None else None
