@@ -7,6 +7,7 @@ group or model is created; a bad config exits with one line naming the key and t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -51,10 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FastPathError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from mllm.train.checkpoint import CheckpointWriteError
+    from mllm.train.preflight import PreflightError
     from mllm.train.run import run_training
+    from mllm.train.signals import EXIT_STOPPED
 
-    run_training(run)
-    return 0
+    try:
+        result = run_training(run)
+    except (PreflightError, CheckpointWriteError) as exc:
+        if os.environ.get("RANK", "0") == "0":  # every rank has the same error: say it once
+            print(f"error: {exc}", file=sys.stderr)
+        return 1
+    # A stop on request (signal, stop file) saved and can resume: EX_TEMPFAIL, unlike train.stop_after.
+    stopped = result.get("stopped") and result.get("stop_reason") != "train.stop_after"
+    return EXIT_STOPPED if stopped else 0
 
 
 if __name__ == "__main__":
