@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     except (PreflightError, CheckpointWriteError) as exc:
         if os.environ.get("RANK", "0") == "0":  # every rank has the same error: say it once
             print(f"error: {exc}", file=sys.stderr)
+        else:  # leave rank 0 time to say it before torchrun ends the workers
+            time.sleep(2.0)
         return 1
     # A stop on request (signal, stop file) saved and can resume: EX_TEMPFAIL, unlike train.stop_after.
     stopped = result.get("stopped") and result.get("stop_reason") != "train.stop_after"

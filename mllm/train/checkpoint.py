@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from mllm.train.planners import ChunkLoadPlanner, ChunkSavePlanner
 from mllm.train.state import Chunk
@@ -212,7 +213,7 @@ class CheckpointManager:
                 self._pending = (future, tmp, final, meta)
                 return final
             dcp.save(tensors, checkpoint_id=str(tmp), process_group=self.group, planner=planner)
-        except Exception as exc:  # noqa: BLE001 - DCP wraps OSError in CheckpointException
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - a BaseException wrapping OSErrors
             self._raise_if_any(exc, step, tmp, gathered=True)
         self._commit(tmp, final, meta)
         return final
@@ -229,7 +230,7 @@ class CheckpointManager:
         self._pending = None
         try:
             future.result()
-        except Exception as exc:  # noqa: BLE001 - see save
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - see save
             self._raise_if_any(exc, meta["step"], tmp, gathered=True)
         self._commit(tmp, final, meta)
 

@@ -30,6 +30,10 @@ def run_training(run: RunConfig, make_batches: MakeBatches | None = None) -> dic
     """Initialize torch.distributed (if needed), train, and tear down; returns the last step's summary."""
     validate_fast_path(run)  # before any process group: a GPU-only setting on CPU fails with one line
     signals.die_with_parent()
+    # Installed for the whole process: a SIGTERM from torchrun (another rank failed) while this rank reports
+    # its error does not cut the report short; the trainer's loop polls the same requests.
+    stops = signals.StopRequests(Path(run.train.run_dir))
+    stops.install()
     earlier = signals.stopped_by_earlier_attempt(Path(run.train.run_dir))
     if earlier is not None:  # torchrun restarted a run that stopped on request: stay stopped
         return {"stopped": True, "step": int(earlier.split()[0]), "stop_reason": "an earlier attempt's stop"}
@@ -40,6 +44,7 @@ def run_training(run: RunConfig, make_batches: MakeBatches | None = None) -> dic
     init_distributed(device)
     try:
         trainer = Trainer(run, make_batches or default_batches)
+        trainer.stops = stops
         result = trainer.fit()
         if trainer.rank == 0 and result.get("stopped"):
             what = result["stop_reason"]
