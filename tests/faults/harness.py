@@ -49,7 +49,7 @@ class Launch:
     """``torchrun --nproc-per-node=2`` in the background, its output in ``log``."""
 
     def __init__(
-        self, synth, run_dir, log: Path, *overrides: str, restarts: int = 0, **extra_env: str
+        self, synth, run_dir, log: Path, *overrides: str, restarts: int = 0, nproc: int = 2, **extra_env: str
     ) -> None:
         self.log = log
         self.run_dir = Path(run_dir)
@@ -59,7 +59,7 @@ class Launch:
             "-m",
             "torch.distributed.run",
             "--standalone",  # the agent picks a free port: no races with other tests
-            "--nproc-per-node=2",
+            f"--nproc-per-node={nproc}",
             f"--max-restarts={restarts}",
             "--monitor-interval=0.5",
             *train_args(synth, run_dir, *overrides),
@@ -102,9 +102,11 @@ class Launch:
         return self.output()[-4000:]
 
 
-def run(synth, run_dir, log, *overrides: str, restarts: int = 0, **extra_env: str) -> tuple[int, str]:
+def run(
+    synth, run_dir, log, *overrides: str, restarts: int = 0, nproc: int = 2, **extra_env: str
+) -> tuple[int, str]:
     """A launch to its end: (torchrun's exit code, the whole log)."""
-    launch = Launch(synth, run_dir, log, *overrides, restarts=restarts, **extra_env)
+    launch = Launch(synth, run_dir, log, *overrides, restarts=restarts, nproc=nproc, **extra_env)
     return launch.finish(), launch.output()
 
 
@@ -139,6 +141,13 @@ def resumed_steps(output: str) -> list[int]:
     return [int(s) for s in re.findall(r"resumed from \S*step_(\d+)", output)]
 
 
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss from ``metrics.jsonl`` (a step logged again after a resume: the last record)."""
+    from mllm.train.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl")}
+
+
 def final_tensors(run_dir: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
     """Every tensor (weights and AdamW state) of the run's checkpoint at ``step``, read without a process
     group."""
@@ -150,8 +159,8 @@ def final_tensors(run_dir: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
     return torch.load(out, weights_only=False)
 
 
-def assert_same_weights(run_dir: Path, reference: dict[str, torch.Tensor]) -> None:
-    got = final_tensors(run_dir)
+def assert_same_weights(run_dir: Path, reference: dict[str, torch.Tensor], step: int = STEPS) -> None:
+    got = final_tensors(run_dir, step)
     assert sorted(got) == sorted(reference)
     for name, tensor in reference.items():
         if isinstance(tensor, torch.Tensor):
