@@ -29,7 +29,6 @@ def default_batches(run: RunConfig, mesh: ParallelMesh) -> BatchSource:
 def run_training(run: RunConfig, make_batches: MakeBatches | None = None) -> dict:
     """Initialize torch.distributed (if needed), train, and tear down; returns the last step's summary."""
     validate_fast_path(run)  # before any process group: a GPU-only setting on CPU fails with one line
-    signals.die_with_parent()
     # Installed for the whole process: a SIGTERM from torchrun (another rank failed) while this rank reports
     # its error does not cut the report short; the trainer's loop polls the same requests.
     stops = signals.StopRequests(Path(run.train.run_dir))

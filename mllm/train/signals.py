@@ -18,9 +18,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 STOP_FILE = "save_and_exit"  # touched by the sbatch script on USR1, or by a user: save and exit
 STOPPED_FILE = "STOPPED"  # written by rank 0 after a requested stop: "STEP REASON"
 HEARTBEAT_FILE = "heartbeat"  # rank 0 rewrites it every step; the sbatch watchdog fails a job that stops
@@ -70,9 +67,12 @@ class StopRequests:
         (self.stop_file.parent / STOPPED_FILE).write_text(f"{step} {REASONS[reason]}\n")
 
 
-def agree(stop_reason: int, save_in_flight: bool, device: torch.device) -> tuple[int, bool]:
+def agree(stop_reason: int, save_in_flight: bool, device) -> tuple[int, bool]:
     """One all-reduce (MAX) at a step boundary: (the largest stop reason any rank saw, whether an asynchronous
     save is still being written on some rank)."""
+    import torch
+    import torch.distributed as dist
+
     flags = torch.tensor([float(stop_reason), float(save_in_flight)], device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -103,14 +103,14 @@ def clear_stopped(run_dir: Path) -> None:
 
 def die_with_parent() -> None:
     """Under torchrun: the kernel sends SIGKILL to this worker when its agent dies (``PR_SET_PDEATHSIG``), so a
-    killed job stops training and writing checkpoints instead of running on in its own process session."""
+    killed job stops training and writing checkpoints instead of running on in its own process session. Called
+    first thing in ``python -m mllm.train`` (before the slow imports)."""
     if "TORCHELASTIC_RUN_ID" not in os.environ or not os.uname().sysname == "Linux":
         return
     import ctypes
 
-    parent = os.getppid()
     pr_set_pdeathsig = 1
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the agent died before prctl took effect
+    if os.getppid() == 1:  # the agent died before prctl took effect: this worker was re-parented to init
         os._exit(1)

@@ -15,11 +15,21 @@ from __future__ import annotations
 
 import shutil
 import signal
+import time
+from pathlib import Path
 
 from harness import EVERY, STEPS, Launch, assert_same_weights, heartbeat, kill, resumed_steps, run
 
 from mllm.train.checkpoint import PAUSE_BEFORE_COMMIT_ENV, latest_checkpoint, list_checkpoints
 from mllm.train.signals import EXIT_STOPPED
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie nobody reaped yet is dead)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def _no_leftovers(run_dir):
@@ -95,14 +105,29 @@ def test_sigterm_and_sigusr1_save_the_current_step(tmp_path, synth, reference):
     assert_same_weights(run_dir, reference[1])
 
 
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, synth, reference):
+def test_damaged_newest_checkpoint_and_killed_launcher(tmp_path, synth, reference):
+    """The newest checkpoint (step 8) loses bytes of a shard: every rank falls back to step 6 with one
+    warning line. Before that, the first launch's torchrun agent is killed with SIGKILL: its workers die with
+    it (PR_SET_PDEATHSIG) instead of training on and writing checkpoints."""
     run_dir = tmp_path / "run"
     shutil.copytree(reference[0], run_dir)
-    (run_dir / "DONE").unlink()
+    for name in ("DONE", "heartbeat"):
+        (run_dir / name).unlink()
     newest = list_checkpoints(run_dir / "checkpoints")[-1]
     assert newest.name == f"step_{STEPS:08d}"
     shard = newest / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:-100])  # truncated, as by a full disk or a lost write
+
+    launch = Launch(synth, run_dir, tmp_path / "killed.log")
+    workers = [launch.worker(0), launch.worker(1)]
+    launch.wait_for("the resume", lambda: resumed_steps(launch.output()))
+    kill(launch.proc.pid)
+    launch.finish()
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in workers if _alive(pid)], "workers outlived their torchrun"
+
     rc, output = run(synth, run_dir, tmp_path / "log")
     assert rc == 0, output[-4000:]
     warnings = [line for line in output.splitlines() if "damaged checkpoint" in line]
