@@ -129,7 +129,7 @@ class Cluster:
             p.terminate()
         for p in self.procs:
             try:
-                p.wait(timeout=15)
+                p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
