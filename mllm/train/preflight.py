@@ -65,16 +65,20 @@ def check_data_paths(run: RunConfig) -> None:
 
 
 def checkpoint_bytes(run: RunConfig) -> int:
-    """Upper estimate of one checkpoint: fp32 weights and both fp32 AdamW moments of every parameter."""
+    """Estimate of one checkpoint: fp32 weights of every parameter plus both fp32 AdamW moments of the trained
+    ones (frozen parts, ``parallel.freeze_*``, have no optimizer state)."""
     from mllm.convert.core import expected_shapes
 
-    numel = 0
-    for shape in expected_shapes(run.model).values():
-        n = 1
+    p = run.parallel
+    frozen = {"vision": p.freeze_vision, "projector": p.freeze_projector, "llm": p.freeze_llm}
+    frozen["lm_head"] = p.freeze_llm
+    total = 0
+    for name, shape in expected_shapes(run.model).items():
+        numel = 1
         for d in shape:
-            n *= d
-        numel += n
-    return 12 * numel
+            numel *= d
+        total += numel * (4 if frozen.get(name.split(".")[0], False) else 12)
+    return total
 
 
 def check_free_space(root: Path, needed: int) -> None:
