@@ -258,7 +258,7 @@ class CheckpointManager:
         """Collective: if any rank failed (``gathered``: every rank already has the error), rank 0 removes the
         partial ``tmp`` and every rank raises the same one-line ``CheckpointWriteError``; the previous
         checkpoints are untouched."""
-        mine = _one_line(error) if error is not None else None
+        mine = _one_line(error, self.root) if error is not None else None
         errors = [mine]
         if not gathered and dist.is_initialized() and dist.get_world_size(self.group) > 1:
             errors = [None] * dist.get_world_size(self.group)
@@ -314,13 +314,30 @@ class CheckpointManager:
             dist.barrier(group=self.group)
 
 
-def _one_line(exc: BaseException) -> str:
-    """A save error in one line; a full disk is named as such, whatever wrapped it."""
-    text = str(exc)
-    if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in text:
-        return "no space left on device (ENOSPC)"
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
-    return f"{type(exc).__name__}: {first}"[:300]
+def _one_line(exc: BaseException, root: Path) -> str:
+    """A save error in one line. A full disk is named as such whatever wrapped it: DCP gathers every rank's
+    exception into a CheckpointException, and torch's stream writer reports a failed ``write`` without its
+    errno ("file write failed"), so a write failure with (almost) no space left on ``root`` counts as one."""
+    causes = [e for e, _ in exc.failures.values()] if isinstance(exc, CheckpointException) else [exc]
+    for cause in causes:
+        text = str(cause)
+        enospc = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+        if (
+            enospc
+            or "No space left on device" in text
+            or ("write failed" in text and _free_bytes(root) < 2**20)
+        ):
+            return "no space left on device (ENOSPC)"
+    cause = causes[0]
+    first = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
+    return f"{type(cause).__name__}: {first}"[:300]
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 1 << 62
 
 
 def _write_json_durably(path: Path, obj: dict) -> None:
