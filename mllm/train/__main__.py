@@ -40,6 +40,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mllm.train.signals import die_with_parent
+
+    die_with_parent()  # the workers of a killed torchrun stop at once
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     from mllm.config import ConfigError, load_run_config, to_yaml, validate_run_config
     from mllm.train.fast_path import FastPathError

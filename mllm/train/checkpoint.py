@@ -20,6 +20,7 @@ crash never leaves a partly deleted directory under a ``step_`` name.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -33,9 +34,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from mllm.train.planners import ChunkLoadPlanner, ChunkSavePlanner
 from mllm.train.state import Chunk
+from mllm.train.verify import agreed_damage, newest_good, record_files
 
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp_"
@@ -65,19 +68,38 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_resume(resume: str, root: Path) -> Path | None:
-    """``none`` -> None; ``auto`` -> the latest complete checkpoint (None on a fresh run); else that path."""
+def resolve_resume(resume: str, root: Path, group: dist.ProcessGroup | None = None) -> Path | None:
+    """``none`` -> None; ``auto`` -> the newest complete checkpoint whose files match the sizes and checksums
+    recorded at commit (None on a fresh run; ``mllm.train.verify``); else that path, verified. Every rank of
+    ``group`` calls it together."""
     if resume in ("none", "", None):
         return None
     if resume == "auto":
-        return latest_checkpoint(root)
+        return newest_good(list_checkpoints(root), recorded_files, group)
     path = Path(resume)
     if not is_complete(path):
         raise FileNotFoundError(
             f"checkpoint.resume={resume}: not a complete checkpoint (no {META_FILE}/.metadata); "
             f"pass a {STEP_PREFIX}* directory, 'auto' or 'none'"
         )
+    problem = agreed_damage(path, recorded_files(path), group)
+    if problem is not None:
+        raise CheckpointDamagedError(
+            f"checkpoint.resume={resume} is damaged: {problem}; pass an older {STEP_PREFIX}* directory or 'auto'"
+        )
     return path
+
+
+def recorded_files(path: Path) -> dict[str, list[int]] | None:
+    return read_meta(path).get("files")
+
+
+class CheckpointDamagedError(RuntimeError):
+    """An explicitly named checkpoint does not match what was written."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A save failed (e.g. a full disk); the previous checkpoints are untouched. One line: what and the fix."""
 
 
 def read_meta(path: Path) -> dict:
@@ -165,25 +187,40 @@ class CheckpointManager:
         self.finalize()  # at most one save in flight
         final = self.root / step_dir_name(step)
         tmp = self.root / (TMP_PREFIX + final.name)
+        error = None
         if self.rank == 0:
-            self._remove_stale_tmp()
-            tmp.mkdir(parents=True, exist_ok=True)
-            (tmp / "extra").mkdir(exist_ok=True)
-            for name, text in (files or {}).items():
-                _write_text_durably(tmp / name, text)
-        self._barrier()
-        torch.save(extra, tmp / "extra" / f"rank_{self.rank:05d}.pt")
+            try:
+                self._remove_stale_tmp()
+                tmp.mkdir(parents=True, exist_ok=True)
+                (tmp / "extra").mkdir(exist_ok=True)
+                for name, text in (files or {}).items():
+                    _write_text_durably(tmp / name, text)
+            except OSError as exc:
+                error = exc
+        self._raise_if_any(error, step, tmp)
+        try:
+            torch.save(extra, tmp / "extra" / f"rank_{self.rank:05d}.pt")
+        except OSError as exc:
+            error = exc
+        self._raise_if_any(error, step, tmp)
         meta = {**meta, "step": step, "time": time.time()}
         planner = ChunkSavePlanner(chunks or {})
-        if self.async_save:
-            future = dcp.async_save(
-                tensors, checkpoint_id=str(tmp), process_group=self.group, planner=planner
-            )
-            self._pending = (future, tmp, final, meta)
-        else:
+        try:  # DCP gathers every rank's write errors and raises on all of them
+            if self.async_save:
+                future = dcp.async_save(
+                    tensors, checkpoint_id=str(tmp), process_group=self.group, planner=planner
+                )
+                self._pending = (future, tmp, final, meta)
+                return final
             dcp.save(tensors, checkpoint_id=str(tmp), process_group=self.group, planner=planner)
-            self._commit(tmp, final, meta)
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - a BaseException wrapping OSErrors
+            self._raise_if_any(exc, step, tmp, gathered=True)
+        self._commit(tmp, final, meta)
         return final
+
+    def save_in_flight(self) -> bool:
+        """An asynchronous save is still being written by this rank."""
+        return self._pending is not None and not self._pending[0].done()
 
     def finalize(self) -> None:
         """Wait for an asynchronous save and commit it (all ranks call this)."""
@@ -191,21 +228,52 @@ class CheckpointManager:
             return
         future, tmp, final, meta = self._pending
         self._pending = None
-        future.result()
+        try:
+            future.result()
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - see save
+            self._raise_if_any(exc, meta["step"], tmp, gathered=True)
         self._commit(tmp, final, meta)
 
     def _commit(self, tmp: Path, final: Path, meta: dict) -> None:
         self._barrier()  # every rank's shards and extras are on disk
+        meta = {**meta, "files": record_files(tmp, {META_FILE}, self.group)}
         if self.before_commit is not None:
             self.before_commit(meta["step"])
+        error = None
         if self.rank == 0:
-            _write_json_durably(tmp / META_FILE, meta)
-            if final.exists():  # a re-save of the same step (e.g. after a resume): replace it
-                self._discard(final)
-            os.rename(tmp, final)
-            _fsync_dir(self.root)
-            self._apply_retention()
-        self._barrier()
+            try:
+                _write_json_durably(tmp / META_FILE, meta)
+                if final.exists():  # a re-save of the same step (e.g. after a resume): replace it
+                    self._discard(final)
+                os.rename(tmp, final)
+                _fsync_dir(self.root)
+                self._apply_retention()
+            except OSError as exc:
+                error = exc
+        self._raise_if_any(error, meta["step"], tmp)  # also the barrier that ends the save
+
+    def _raise_if_any(
+        self, error: BaseException | None, step: int, tmp: Path, gathered: bool = False
+    ) -> None:
+        """Collective: if any rank failed (``gathered``: every rank already has the error), rank 0 removes the
+        partial ``tmp`` and every rank raises the same one-line ``CheckpointWriteError``; the previous
+        checkpoints are untouched."""
+        mine = _one_line(error, self.root) if error is not None else None
+        errors = [mine]
+        if not gathered and dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            errors = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(errors, mine, self.group)
+        first = next((e for e in errors if e is not None), None)
+        if first is None:
+            return
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(self.root)
+        kept = f"{previous.name} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointWriteError(
+            f"checkpoint step {step} could not be written under {self.root}: {first}; {kept}. Free space or fix "
+            "the directory, then rerun with checkpoint.resume=auto"
+        )
 
     def _apply_retention(self) -> None:
         if self.keep_last <= 0:
@@ -244,6 +312,32 @@ class CheckpointManager:
     def _barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier(group=self.group)
+
+
+def _one_line(exc: BaseException, root: Path) -> str:
+    """A save error in one line. A full disk is named as such whatever wrapped it: DCP gathers every rank's
+    exception into a CheckpointException, and torch's stream writer reports a failed ``write`` without its
+    errno ("file write failed"), so a write failure with (almost) no space left on ``root`` counts as one."""
+    causes = [e for e, _ in exc.failures.values()] if isinstance(exc, CheckpointException) else [exc]
+    for cause in causes:
+        text = str(cause)
+        enospc = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+        if (
+            enospc
+            or "No space left on device" in text
+            or ("write failed" in text and _free_bytes(root) < 2**20)
+        ):
+            return "no space left on device (ENOSPC)"
+    cause = causes[0]
+    first = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
+    return f"{type(cause).__name__}: {first}"[:300]
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 1 << 62
 
 
 def _write_json_durably(path: Path, obj: dict) -> None:

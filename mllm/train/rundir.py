@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mllm.train.checkpoint import list_checkpoints
+from mllm.train.signals import EXIT_STOPPED
 
 
 def checkpoint_root(run: Any) -> Path:
@@ -42,10 +44,20 @@ def user_facing_errors() -> tuple[type[BaseException], ...]:
     from mllm.config import ConfigError
     from mllm.convert.errors import CheckpointError
     from mllm.data.badsamples import DataQualityError
+    from mllm.train.checkpoint import CheckpointWriteError
     from mllm.train.fast_path import FastPathError
+    from mllm.train.preflight import PreflightError
     from mllm.train.trainer import NonFiniteError
 
-    return (ConfigError, CheckpointError, DataQualityError, FastPathError, NonFiniteError)
+    return (
+        ConfigError,
+        CheckpointError,
+        CheckpointWriteError,
+        DataQualityError,
+        FastPathError,
+        NonFiniteError,
+        PreflightError,
+    )
 
 
 def rank_prefix() -> str:
@@ -67,15 +79,22 @@ def run_training_cli(run: Any, run_training: Callable[[Any], dict]) -> int:
 
     prefix_rank_output(int(os.environ.get("RANK", "0")))
     try:
-        run_training(run)
+        result = run_training(run)
     except user_facing_errors() as exc:
         from mllm.data.badsamples import DataQualityError
+        from mllm.train.checkpoint import CheckpointWriteError
+        from mllm.train.preflight import PreflightError
         from mllm.train.trainer import NonFiniteError
 
-        # These are decided on all-reduced values: every rank raises the same one, so rank 0 alone says it.
-        if rank_prefix() and isinstance(exc, (DataQualityError, NonFiniteError)):
+        # These are decided on values every rank shares: every rank raises the same one, so rank 0 says it.
+        if rank_prefix() and isinstance(
+            exc, (DataQualityError, NonFiniteError, PreflightError, CheckpointWriteError)
+        ):
+            time.sleep(2.0)  # leave rank 0 time to say it before torchrun ends the workers
             return 2
         message = one_line_message(exc)
         print(f"{rank_prefix()}error: {type(exc).__name__}: {message}", file=sys.stderr, flush=True)
         return 2
-    return 0
+    # A stop on request (signal, stop file) saved and can resume: EX_TEMPFAIL, unlike train.stop_after.
+    stopped = result.get("stopped") and result.get("stop_reason") != "train.stop_after"
+    return EXIT_STOPPED if stopped else 0

@@ -34,10 +34,14 @@ def compute_dtype(run: RunConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def init_distributed(device: torch.device, timeout_s: int = 600) -> None:
-    """Default process group from torchrun's environment (a 1-rank group for plain ``python -m``)."""
+def init_distributed(device: torch.device, timeout_s: int | None = None) -> None:
+    """Default process group from torchrun's environment (a 1-rank group for plain ``python -m``). A collective
+    that waits longer than ``timeout_s`` (default ``MLLM_COLLECTIVE_TIMEOUT_S``, else 600) fails the rank: a
+    hung peer ends the job instead of holding it until the time limit."""
     if dist.is_initialized():
         return
+    if timeout_s is None:
+        timeout_s = int(os.environ.get("MLLM_COLLECTIVE_TIMEOUT_S", "600"))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
     os.environ.setdefault("RANK", "0")

@@ -9,6 +9,7 @@ and the gradient norm are all-reduced before the decision.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mllm.train import signals
 from mllm.train import state as ckpt_state
 from mllm.train.batches import BatchSource, MicroBatchStats, PixelFeeder, micro_batch_stats, model_inputs
 from mllm.train.checkpoint import (
@@ -39,7 +41,7 @@ from mllm.train.setup import compute_dtype, load_initial_state, rank_seed, resol
 from parallel.mesh import ParallelMesh, build_mesh
 from parallel.model import ParallelModel, parallelize
 
-SAVE_AND_EXIT_FILE = "save_and_exit"
+SAVE_AND_EXIT_FILE = signals.STOP_FILE
 DONE_FILE = "DONE"
 
 
@@ -97,6 +99,7 @@ class Trainer:
             async_save=run.checkpoint.async_save,
         )
         self.ckpt.before_commit = pause_before_commit_from_env(self.run_dir, self.rank)
+        self.stops = signals.StopRequests(self.run_dir)
         self.step = 0  # optimizer steps done
         self.skipped = 0
         self.consecutive_nonfinite = 0
@@ -140,6 +143,12 @@ class Trainer:
         self.schedule.load_state_dict({"step": self.step})
         same_layout = meta["layout"] == self.layout()
         self._resume_data(path, meta)
+        if same_layout and extra is None:
+            print(
+                f"warning: rank {self.rank}: {path}/extra/rank_{self.rank:05d}.pt is missing: this rank's RNG "
+                "states (python, numpy, torch) are re-seeded from the step and its skip counters restart at 0",
+                file=sys.stderr,
+            )
         if same_layout and extra is not None:
             set_rng_state(extra["rng"])
             self.skipped = extra["counters"]["skipped"]
@@ -165,7 +174,8 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------------------
     def fit(self) -> dict:
         run = self.run
-        resume_from = resolve_resume(run.checkpoint.resume, self.ckpt.root)
+        self.stops.install()
+        resume_from = resolve_resume(run.checkpoint.resume, self.ckpt.root, self.ckpt.group)
         if resume_from is not None:
             self.resume(resume_from)
         logger = RunReporter(self, resume_from)  # banner (with the resume point), metric sinks, validation
@@ -174,19 +184,26 @@ class Trainer:
         last_loss = float("nan")
         try:
             while self.step < run.train.steps:
-                if self._stop_requested():
-                    logger.message(f"stopping: checkpointing step {self.step}")
+                reason = self._stop_requested()
+                if reason:
+                    why = "train.stop_after" if reason < 0 else signals.REASONS[reason]
+                    logger.message(f"stopping ({why}): checkpointing step {self.step}")
+                    self.ckpt.finalize()  # an asynchronous save of this very step needs no second save
                     if (
                         not list_checkpoints(self.ckpt.root)
                         or read_meta(latest_checkpoint(self.ckpt.root))["step"] != self.step
                     ):
                         self.save()
                     self.ckpt.finalize()
-                    result = {"step": self.step, "loss": last_loss, "stopped": True}
+                    if reason > 0:
+                        self.stops.acknowledge(self.rank, self.step, reason)
+                    result = {"step": self.step, "loss": last_loss, "stopped": True, "stop_reason": why}
                     logger.finish(result)
                     return result
                 record = self.train_step()
                 last_loss = record["loss"]
+                if self.rank == 0:
+                    signals.beat(self.run_dir, self.step)
                 if self.step % run.logging.every == 0 or self.step == run.train.steps:
                     logger.log_step(record)
                 logger.after_step(self.step)  # validation when due
@@ -197,6 +214,7 @@ class Trainer:
             self.ckpt.finalize()
             logger.finish({"step": self.step, "loss": last_loss, "stopped": False})
         finally:
+            self.stops.restore()
             logger.close()
         if self.rank == 0:
             (self.run_dir / DONE_FILE).write_text(f"{self.step}\n")
@@ -289,11 +307,14 @@ class Trainer:
             "vision_pad": self.pm.vision_pad_fraction,  # padded share of tiles sent between ViT stages
         }
 
-    def _stop_requested(self) -> bool:
-        """``train.stop_after`` reached, or the SLURM time-limit handler's request, agreed on by every rank
-        (they may see the file at slightly different times)."""
+    def _stop_requested(self) -> int:
+        """-1: ``train.stop_after`` reached; > 0: a stop signal or the stop file (``signals.REASONS``), agreed
+        on by every rank in the step's one all-reduce, which also commits a finished asynchronous save."""
         if self.run.train.stop_after is not None and self.step >= self.run.train.stop_after:
-            return True
-        flag = torch.tensor([float((self.run_dir / SAVE_AND_EXIT_FILE).exists())], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            return -1
+        reason, save_in_flight = signals.agree(
+            self.stops.local_reason(), self.ckpt.save_in_flight(), self.device
+        )
+        if not save_in_flight:
+            self.ckpt.finalize()  # finished on every rank: commit now, not at the next save
+        return reason
