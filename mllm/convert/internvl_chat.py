@@ -1,7 +1,7 @@
 """InternVL-Chat (remote-code) layout <-> ours: config.json fields and tensor names/layouts.
 
 Pure functions on dicts and tensors; file I/O lives in ``mllm.convert.files``. Layout facts
-(docs: /work/shared/reference/internvl.md): the ViT's fused ``attn.qkv`` rows are [all q | all k | all v];
+(InternVL's modeling_internvl_chat.py and modeling_internlm2.py, github.com/OpenGVLab/InternVL): the ViT's fused ``attn.qkv`` rows are [all q | all k | all v];
 InternLM2's ``wqkv`` rows are grouped per kv head: for each kv head, its ``num_heads // num_kv_heads`` q heads,
 then its k head, then its v head. Llama/Qwen2/Qwen3 language models keep transformers' names under
 ``language_model.``.
