@@ -76,8 +76,12 @@ class ParallelModel:
 
             self.grad_reducer = GradReducer(self.trainable_parameters(), mesh.dp_group, pcfg.bucket_size_mb)
         self.vision_pad_fraction = 0.0  # of the last step's tile activations sent between ViT stages
-        # Ranks that need a micro-batch's tiles (the ViT) or its image flags (the projector stage).
-        self.runs_vision = any(stage.runs_vision or stage.has_projector for stage in self.stages)
+        # Ranks that need a micro-batch's tiles (the ViT) or its image flags (the projector stage). When the
+        # ViT spans stages every rank needs the tile counts too: the step's tile budget keys the pipeline
+        # schedule, which all stages must rebuild together (an uncalled DevicePixels copies nothing).
+        self.runs_vision = self.vision_spans_stages or any(
+            stage.runs_vision or stage.has_projector for stage in self.stages
+        )
 
     # -- parameters ---------------------------------------------------------------------------------------
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
