@@ -140,7 +140,8 @@ def test_validation_loss_in_metrics_tensorboard_console_and_layout_independent(r
     assert [r["step"] for r in val][:2] == [2, 4]
     first = val[0]
     per_dataset = {k: v for k, v in first.items() if k.startswith("val_loss/")}
-    assert set(per_dataset) == {"val_loss/synth_en", "val_loss/synth_zh"}
+    datasets = set(json.loads((runs["data"] / "meta.json").read_text()))  # synth_en, synth_zh, synth_text
+    assert set(per_dataset) == {f"val_loss/{name}" for name in datasets}
     assert min(per_dataset.values()) <= first["val_loss"] <= max(per_dataset.values())
     assert f"step 2/{STEPS} | val_loss {first['val_loss']:.4f}" in runs["first"].stdout
     events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
@@ -154,10 +155,7 @@ def test_validation_loss_in_metrics_tensorboard_console_and_layout_independent(r
     assert dp2[0]["val_loss/synth_zh"] == pytest.approx(first["val_loss/synth_zh"], abs=1e-5)
     assert "mllm train | tiny_sft | tp1 x pp1 x dp2 = 2 ranks" in runs["dp2"].stdout
     # per-dataset bad-sample counts ride along with every step record
-    assert set(read_metrics(run_dir / "metrics.jsonl")[0]["bad_samples_per_dataset"]) == {
-        "synth_en",
-        "synth_zh",
-    }
+    assert set(read_metrics(run_dir / "metrics.jsonl")[0]["bad_samples_per_dataset"]) == datasets
 
 
 def test_run_dir_with_checkpoints_refuses_a_fresh_start_and_resume_appends(runs):
