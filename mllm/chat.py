@@ -104,12 +104,10 @@ class Chat:
         return {"from": "human", "value": question}
 
     def prompt_ids(self, question: str) -> torch.Tensor:
-        """Token ids of the conversation so far + ``question`` + the assistant role (training's tokenization:
-        an empty answer is appended and cut off where its supervised tokens start)."""
-        turns = [*self.turns, self._user_turn(question), {"from": "gpt", "value": ""}]
-        sample = self.conv(turns, [len(t) for t in self.tiles])
-        start = int(sample.targets.argmax())
-        return torch.from_numpy(sample.input_ids[:start].astype("int64"))[None]
+        """Token ids of the conversation so far + ``question`` + the assistant role (training's rendering and
+        tokenization)."""
+        turns = [*self.turns, self._user_turn(question)]
+        return torch.from_numpy(self.conv.generation_prompt(turns, [len(t) for t in self.tiles]))[None]
 
     @torch.no_grad()
     def ask(self, question: str) -> str:

@@ -60,10 +60,15 @@ def image_settings_of(directory: Path) -> ImageSettings | None:
 
 
 def chat_template(template: Template) -> str:
-    """A Jinja chat template that renders exactly ``template.pieces`` of the same turns (generation prompt:
-    the assistant role, as ``mllm.chat`` and InternVL's ``chat`` do)."""
+    """A Jinja chat template that renders exactly ``template.generation_prompt`` of the same turns (the
+    assistant role after them, as ``mllm.chat`` and InternVL's ``chat`` do): each message's text stripped under
+    the templates that strip turns, an empty message as its role alone under the others but internvl2_5."""
     system_open = template.system_template.split("{system_message}")[0]
     quote = json.dumps  # Jinja string literals accept JSON's escapes
+    trim = " | trim" if template.strip_turns else ""
+    text_and_sep = "{{- text + " + quote(template.sep) + " -}}"
+    if not template.free_turn_order:  # InternVL's get_prompt: an empty message is its role alone
+        text_and_sep = "{%- if text -%}" + text_and_sep + "{%- endif -%}"
     return (
         "{%- set system = " + quote(template.system_message) + " -%}\n"
         "{%- if messages and messages[0]['role'] == 'system' -%}\n"
@@ -72,16 +77,19 @@ def chat_template(template: Template) -> str:
         "{%- set messages = messages[1:] -%}\n"
         "{%- endif -%}\n"
         "{{- bos_token if bos_token else '' -}}\n"
-        "{{- " + quote(system_open) + " + system + " + quote(template.sep) + " -}}\n"
+        "{{- " + quote(system_open) + " + (system" + trim + ") + " + quote(template.sep) + " -}}\n"
         "{%- for message in messages -%}\n"
-        "{%- if message['role'] == 'assistant' -%}{{- " + quote(template.assistant_role) + " -}}\n"
-        "{%- else -%}{{- " + quote(template.user_role) + " -}}{%- endif -%}\n"
-        "{%- if message['content'] is string -%}{{- message['content'] -}}\n"
+        "{%- set ns = namespace(text='') -%}\n"
+        "{%- if message['content'] is string -%}{%- set ns.text = message['content'] -%}\n"
         "{%- else -%}{%- for item in message['content'] -%}\n"
-        "{%- if item['type'] == 'image' -%}{{- " + quote(IMG_CONTEXT + "\n") + " -}}\n"
-        "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}\n"
+        "{%- if item['type'] == 'image' -%}{%- set ns.text = ns.text + "
+        + quote(IMG_CONTEXT + "\n")
+        + " -%}\n"
+        "{%- elif item['type'] == 'text' -%}{%- set ns.text = ns.text + item['text'] -%}{%- endif -%}\n"
         "{%- endfor -%}{%- endif -%}\n"
-        "{{- " + quote(template.sep) + " -}}\n"
+        "{%- set text = ns.text" + trim + " -%}\n"
+        "{%- if message['role'] == 'assistant' -%}{{- " + quote(template.assistant_role) + " -}}\n"
+        "{%- else -%}{{- " + quote(template.user_role) + " -}}{%- endif -%}\n" + text_and_sep + "\n"
         "{%- endfor -%}\n"
         "{%- if add_generation_prompt -%}{{- " + quote(template.assistant_role) + " -}}{%- endif -%}\n"
     )

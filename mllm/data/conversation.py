@@ -93,9 +93,12 @@ def _add_media_placeholders(turns: list[tuple[str, str]], n_images: int, media: 
 
 
 def parse_turns(
-    conversations: Any, template: Template, n_images: int = 0, media: str = "image"
+    conversations: Any, template: Template, n_images: int = 0, media: str = "image", generation: bool = False
 ) -> tuple[list[tuple[str, str]], str | None]:
-    """InternVL's conversation as the template's preprocessing sees it -> (role, text) turns, system message."""
+    """InternVL's conversation as the template's preprocessing sees it -> (role, text) turns, system message.
+
+    `generation`: the conversation is a prompt to answer (it ends with a question and needs no answer).
+    """
     turns, system = _turn_list(conversations)
     if n_images:
         turns = _add_media_placeholders(turns, n_images, media)
@@ -110,7 +113,9 @@ def parse_turns(
     if template.strip_turns:
         turns = [(role, text.strip()) for role, text in turns]
         system = system.strip() if system is not None else None
-    if not any(role == "gpt" for role, _ in turns):
+    if generation and (not turns or turns[-1][0] != "human"):
+        raise Rejected("bad_roles", "a generation prompt must end with a question")
+    if not generation and not any(role == "gpt" for role, _ in turns):
         raise Rejected("bad_roles", "no assistant answer")
     check_placeholders(turns, n_images, media)
     return turns, system
@@ -136,6 +141,12 @@ def check_placeholders(turns: list[tuple[str, str]], n_images: int, media: str) 
             else ""
         )
         raise Rejected("placeholder_mismatch", f"{count} <image> placeholders for {n_images} images{hint}")
+
+
+def _with_image_tokens(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Each `<image>` placeholder -> `<img><IMG_CONTEXT></img>` (the context token is expanded after tokenizing)."""
+    image_text = IMG_START + IMG_CONTEXT + IMG_END
+    return [(role, text.replace(IMAGE_PLACEHOLDER, image_text)) for role, text in turns]
 
 
 class ConversationTokenizer:
@@ -177,9 +188,7 @@ class ConversationTokenizer:
         """`media`: how the record gave its pixels (MEDIA_KINDS); default "image" for one, "images" for more."""
         media = media or ("image" if len(tiles_per_image) <= 1 else "images")
         turns, system = parse_turns(conversations, self.template, len(tiles_per_image), media)
-        image_text = IMG_START + IMG_CONTEXT + IMG_END
-        turns = [(role, text.replace(IMAGE_PLACEHOLDER, image_text)) for role, text in turns]
-        pieces = self.template.pieces(turns, system)
+        pieces = self.template.pieces(_with_image_tokens(turns), system)
         text = "".join(p for p, _ in pieces)
         enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
         ids = np.asarray(enc["input_ids"], dtype=np.int64)
@@ -193,6 +202,21 @@ class ConversationTokenizer:
                 "no_supervised_tokens", "no answer tokens" + (" left after truncation" * truncated)
             )
         return TokenizedSample(ids.astype(np.int32), targets, truncated)
+
+    def generation_prompt(
+        self, conversations: Any, tiles_per_image: list[int], media: str | None = None
+    ) -> np.ndarray:
+        """Token ids (int64) of a conversation that ends with a question, followed by the assistant role: the
+        prompt to generate its answer from, as InternVL's `chat` builds it (training's rendering and
+        tokenization, image tokens expanded)."""
+        media = media or ("image" if len(tiles_per_image) <= 1 else "images")
+        turns, system = parse_turns(
+            conversations, self.template, len(tiles_per_image), media, generation=True
+        )
+        text = self.template.generation_prompt(_with_image_tokens(turns), system)
+        ids = np.asarray(self.tokenizer(text, add_special_tokens=True)["input_ids"], dtype=np.int64)
+        ids, _ = self._expand_images(ids, np.zeros(len(ids), dtype=bool), tiles_per_image)
+        return ids
 
     def _truncate(
         self, ids: np.ndarray, targets: np.ndarray, max_len: int, n_images: int

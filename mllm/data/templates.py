@@ -54,6 +54,11 @@ class Template:
                     out.append((after_end, False))
         return out
 
+    def generation_prompt(self, turns: list[tuple[str, str]], system_message: str | None = None) -> str:
+        """The prompt to answer the last (human) turn: the turns rendered as `pieces`, then the assistant role
+        (InternVL's `chat`: an assistant message of None renders as its role alone)."""
+        return "".join(text for text, _ in self.pieces(turns, system_message)) + self.assistant_role
+
 
 TEMPLATES: dict[str, Template] = {
     t.name: t

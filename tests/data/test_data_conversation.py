@@ -123,3 +123,29 @@ def test_turns_are_stripped_like_internvl(tok):
     clean = ct(conv("<image>\nWhat colour is the circle?", "The circle is red."), [1])
     assert np.array_equal(padded.input_ids, clean.input_ids)
     assert np.array_equal(padded.targets, clean.targets)
+
+
+@pytest.mark.parametrize("template", ["internlm2-chat", "internvl2_5", "Hermes-2", "phi3-chat"])
+def test_generation_prompt_is_training_text_before_the_answer_and_the_export_chat_template(tok, template):
+    import jinja2
+
+    from mllm.convert.processor import chat_template
+
+    t = get_template(template)
+    questions = ("<image>\nWhat colour? ", "A1 ", "\nWhere?")
+    ids = ConversationTokenizer(tok, t, num_image_token=4).generation_prompt(conv(*questions), [2])
+    # reference 1: the training sample of the same conversation answered, cut where the answer starts
+    sample = ConversationTokenizer(tok, t, num_image_token=4)(conv(*questions, "Left."), [2])
+    supervised = np.flatnonzero(sample.targets)
+    answer_start = supervised[np.flatnonzero(np.diff(supervised) > 1)[-1] + 1]  # the last run: "Left." + end
+    assert np.array_equal(ids, sample.input_ids[:answer_start])
+    # reference 2: the export's Jinja chat template (the image rendered as <IMG_CONTEXT>, expanded by the processor)
+    messages = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": q} for i, q in enumerate(questions)
+    ]
+    messages[0]["content"] = [{"type": "image"}, {"type": "text", "text": "What colour? "}]
+    text = jinja2.Template(chat_template(t)).render(
+        messages=messages, add_generation_prompt=True, bos_token=""
+    )
+    text = text.replace("<IMG_CONTEXT>", "<img>" + "<IMG_CONTEXT>" * 8 + "</img>")
+    assert tok(text, add_special_tokens=True)["input_ids"] == ids.tolist()
