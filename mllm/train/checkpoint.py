@@ -316,17 +316,13 @@ class CheckpointManager:
 
 def _one_line(exc: BaseException, root: Path) -> str:
     """A save error in one line. A full disk is named as such whatever wrapped it: DCP gathers every rank's
-    exception into a CheckpointException, and torch's stream writer reports a failed ``write`` without its
-    errno ("file write failed"), so a write failure with (almost) no space left on ``root`` counts as one."""
+    exception into a CheckpointException, and torch's stream writer reports a short ``write`` without its
+    errno ("file write failed", "unexpected pos"), so a failure with (almost) no space left on ``root`` counts
+    as one."""
     causes = [e for e, _ in exc.failures.values()] if isinstance(exc, CheckpointException) else [exc]
     for cause in causes:
-        text = str(cause)
         enospc = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
-        if (
-            enospc
-            or "No space left on device" in text
-            or ("write failed" in text and _free_bytes(root) < 2**20)
-        ):
+        if enospc or "No space left on device" in str(cause) or _free_bytes(root) < 2**20:
             return "no space left on device (ENOSPC)"
     cause = causes[0]
     first = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
