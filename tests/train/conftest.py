@@ -56,3 +56,16 @@ def world2(tmp_path_factory):
 @pytest.fixture(scope="session")
 def world4(tmp_path_factory):
     return _group(tmp_path_factory, 4, WORLD4)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """A small synthetic dataset + tokenizer written by ``python -m mllm.data synth`` (as a user would)."""
+    import os
+    import subprocess
+
+    out = tmp_path_factory.mktemp("synth")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "mllm.data", "synth", str(out), "--num-samples", "300"]
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    return out

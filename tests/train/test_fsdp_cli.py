@@ -9,10 +9,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from test_torchrun import REPO, synth  # noqa: F401 - the synthetic-data fixture
+
+REPO = Path(__file__).resolve().parents[2]
 
 STEPS = 4
 

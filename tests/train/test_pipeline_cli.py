@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import torch
-from test_torchrun import synth  # noqa: F401  (the synthetic-data fixture)
 
 import mllm.hf
 from mllm.convert.trainer_checkpoint import read_trainer_checkpoint

@@ -60,7 +60,9 @@ def test_preflight_names_the_path_and_the_fix(tmp_path):
         class data:
             path = str(meta)
 
-    with pytest.raises(PreflightError, match=r"dataset 'caps' annotation .*missing.jsonl does not exist"):
+    with pytest.raises(
+        PreflightError, match=r"dataset 'caps': annotation 'missing.jsonl' not found; looked at"
+    ):
         check_data_paths(Run)
 
 
